@@ -1,0 +1,1 @@
+"""The thin typer layer of hydra-store: parse, call the library, print."""

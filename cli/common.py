@@ -1,0 +1,59 @@
+"""What every command shares: one-line errors without tracebacks, progress bars, sizes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import typer
+from tqdm import tqdm
+
+from hydra_store.errors import HydraStoreError
+
+T = TypeVar("T")
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> None:
+    """Print one error line to stderr and exit non-zero."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's named errors (and Ctrl-C) into one line and a non-zero exit."""
+    try:
+        yield
+    except HydraStoreError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def progress_bar(total: int, description: str, unit: str = "it") -> tqdm:
+    return tqdm(
+        total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def call(fn: Callable[..., T], *args, **kwargs) -> T:
+    with user_errors():
+        return fn(*args, **kwargs)

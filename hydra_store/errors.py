@@ -1,0 +1,56 @@
+"""Named exceptions. Every error a user can cause is one of these, with a message that says
+what is wrong and how to fix it; the CLI prints the message on one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class HydraStoreError(Exception):
+    """Base class of every error hydra-store raises on purpose."""
+
+
+class InvalidArgumentError(HydraStoreError, ValueError):
+    """A parameter is out of range or of the wrong kind."""
+
+
+class DatasetError(HydraStoreError):
+    """A data set is unknown, malformed or inconsistent."""
+
+
+class DataFilesMissingError(DatasetError, FileNotFoundError):
+    """A data set's files are not where they must be; the message lists what to put where."""
+
+
+class ModelError(HydraStoreError):
+    """A model is unknown, cannot be built for the data, or contains an unsupported layer."""
+
+
+class UnsupportedOptimizerError(HydraStoreError):
+    """The optimizer or one of its settings is outside what the HyDRA recurrence models."""
+
+
+class StoreExistsError(HydraStoreError, FileExistsError):
+    """The output path exists and overwriting was not asked for."""
+
+
+class StoreNotFoundError(HydraStoreError, FileNotFoundError):
+    """No hydra-store store at the given path."""
+
+
+class StoreFormatError(HydraStoreError):
+    """The path holds something that is not a hydra-store store of a known format version."""
+
+
+class StoreIncompleteError(HydraStoreError):
+    """The store's recording did not finish (status 'recording' or 'failed')."""
+
+
+class ReplayMismatchError(HydraStoreError):
+    """Replaying the stored trajectory does not reproduce the stored weights."""
+
+
+class AnalysisError(HydraStoreError):
+    """An analysis cannot run on the given inputs (wrong shapes, missing variables, ...)."""
+
+
+class SchedulerError(HydraStoreError):
+    """A dask scheduler address cannot be reached or started."""

@@ -1,0 +1,481 @@
+"""The recorder: wraps a model and its torch.optim.SGD, takes each training step itself and
+tracks the hypergradients of chosen training samples into a store.
+
+    recorder = HydraRecorder(model, optimizer, "run.zarr", n_train=len(train_set))
+    with recorder:
+        for epoch in range(epochs):
+            for inputs, targets, indices in loader:   # indices: training-set index of each sample
+                recorder.step(inputs, targets, indices)
+            recorder.end_epoch(test_loss=..., test_accuracy=...)
+
+The step uses per-sample gradients (torch.func); their mean is the training gradient, so there
+is no second backward pass. lr, momentum and weight decay are read from the optimizer at every
+step, so any scheduler works.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hydra_store.errors import InvalidArgumentError, UnsupportedOptimizerError
+from hydra_store.hypergradient import (
+    ApproximateHypergradient,
+    ExactHypergradient,
+    PerSampleGradients,
+    SGDSettings,
+    TrackedSelection,
+    per_sample_loss,
+    read_sgd_settings,
+)
+from hydra_store.models import check_supported_model
+from hydra_store.parameters import ParameterLayout, get_flat_parameters
+from hydra_store.state import InMemoryTrackedState
+from hydra_store.store import (
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    RecordingStore,
+    consolidate,
+    matrix_chunks,
+    now_iso,
+)
+
+MODES = ("approximate", "exact", "both", "trajectory")
+
+
+def software_versions() -> dict[str, str]:
+    import dask
+    import xarray
+    import zarr
+
+    from hydra_store import __version__
+
+    return {
+        "hydra_store": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+        "dask": dask.__version__,
+        "xarray": xarray.__version__,
+    }
+
+
+def check_optimizer_covers_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model_params = {id(p) for p in model.parameters() if p.requires_grad}
+    opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if model_params != opt_params:
+        raise UnsupportedOptimizerError(
+            "the optimizer must update exactly the model's trainable parameters; pass "
+            "model.parameters() to torch.optim.SGD"
+        )
+
+
+def velocity_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module, layout: ParameterLayout):
+    """The SGD momentum buffers as one flat vector (zeros before the first step)."""
+    named = dict(model.named_parameters())
+    parts = []
+    for name in layout.names:
+        buf = optimizer.state.get(named[name], {}).get("momentum_buffer")
+        parts.append(
+            torch.zeros_like(named[name]).reshape(-1) if buf is None else buf.detach().reshape(-1)
+        )
+    return torch.cat(parts)
+
+
+def sgd_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    layout: ParameterLayout,
+    gradients: torch.Tensor,
+) -> None:
+    """Take the optimizer step with the mean of the per-sample gradients as the gradient."""
+    mean = gradients.mean(dim=0)
+    named = dict(model.named_parameters())
+    for name, view in layout.unflatten(mean).items():
+        named[name].grad = view
+    optimizer.step()
+    for name in layout.names:
+        named[name].grad = None
+
+
+def batch_gradient(
+    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample losses, the batch's mean gradient as a (1, P) tensor) by one backward pass:
+    what a trajectory-only recording costs, plain training."""
+    losses = per_sample_loss(model(inputs), targets)
+    params = [dict(model.named_parameters())[n] for n in layout.names]
+    grads = torch.autograd.grad(losses.mean(), params)
+    return losses.detach(), torch.cat([g.reshape(-1) for g in grads])[None]
+
+
+def step_gradients(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    per_sample: PerSampleGradients,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients a recorded step used, by the method the store names in `step_gradient`."""
+    if method == "batch_backward":
+        return batch_gradient(model, layout, inputs, targets)
+    return per_sample(inputs, targets)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    test_loss: float
+    test_accuracy: float
+
+
+class HydraRecorder:
+    """Record a training run and the HyDRA hypergradients of the tracked samples.
+
+    Args:
+        model: the network; refused if it has BatchNorm or Dropout layers.
+        optimizer: a torch.optim.SGD over exactly `model.parameters()`, one param group,
+            dampening 0, no Nesterov.
+        store: path of the Zarr store to create.
+        n_train: N, the size of the whole training set (the `N / B_t` of the recurrence).
+        tracked: training-set indices to track (default: all N).
+        train_labels: (N,) labels used in training; if not given, each tracked sample's label
+            is taken from the batches it appears in (-1 for a sample never seen).
+        clean_labels: (N,) labels before injected noise, when noise was injected.
+        mode: "approximate" (the paper's Algorithm 1), "exact" (Hessian-aware, one HVP per
+            tracked sample per step: hundreds of samples at most), "both", or "trajectory"
+            (no hypergradients: only what replay and the reverse-mode analysis need, at the
+            cost of plain training).
+        checkpoint_every: epochs between weight checkpoints (`end_epoch` counts them).
+        config: the run's configuration, stored as the `config` attribute.
+        attrs: further root attributes (e.g. data-set fingerprints).
+        state_dtype: dtype of the tracked state (default: the model's).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        store: str | Path,
+        *,
+        n_train: int,
+        tracked: Sequence[int] | np.ndarray | None = None,
+        train_labels: Sequence[int] | np.ndarray | None = None,
+        clean_labels: Sequence[int] | np.ndarray | None = None,
+        mode: str = "approximate",
+        checkpoint_every: int = 1,
+        config: Mapping[str, Any] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        state_dtype: torch.dtype | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not isinstance(n_train, int) or n_train <= 0:
+            raise InvalidArgumentError(f"n_train must be a positive integer, got {n_train!r}")
+        if checkpoint_every < 1:
+            raise InvalidArgumentError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        check_supported_model(model)
+        check_optimizer_covers_model(model, optimizer)
+        settings = read_sgd_settings(optimizer)
+        self.model, self.optimizer, self.mode = model, optimizer, mode
+        self.layout = ParameterLayout.from_model(model)
+        tracked_index = np.arange(n_train) if tracked is None else np.asarray(tracked, np.int64)
+        self.selection = TrackedSelection(n_train, tracked_index)
+        self.n_train = n_train
+        self.checkpoint_every = checkpoint_every
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        state_dtype = state_dtype or self.dtype
+        labels = self._labels(train_labels, "train_labels")
+        clean = self._labels(clean_labels, "clean_labels")
+
+        has_momentum = settings.momentum != 0
+        self.approximate = self.exact = None
+        if mode in ("approximate", "both"):
+            state = InMemoryTrackedState(
+                self.selection.n_rows,
+                self.layout.n_params,
+                has_momentum=has_momentum,
+                dtype=state_dtype,
+                device=self.device,
+            )
+            self.approximate = ApproximateHypergradient(state, self.selection)
+        if mode in ("exact", "both"):
+            exact_state = InMemoryTrackedState(
+                self.selection.n_rows,
+                self.layout.n_params,
+                has_momentum=has_momentum,
+                dtype=state_dtype,
+                device=self.device,
+            )
+            self.exact = ExactHypergradient(exact_state, self.selection, model, self.layout)
+        self.per_sample = PerSampleGradients(model, self.layout)
+
+        self.store = RecordingStore(store, overwrite=overwrite)
+        self.path = self.store.path
+        self._finished = False
+        self._write_static(config, attrs, labels, clean)
+        self.step_count = 0
+        self.epoch = 0
+        self._pending: dict[str, list] = {k: [] for k in self._STEP_VARIABLES}
+        self._epoch_losses: list[float] = []
+        self._epoch_samples = 0
+        self.epochs: list[EpochRecord] = []
+        self._label_seen = labels is None
+        self._checkpoint(epoch=0)
+        consolidate(self.path)
+
+    _STEP_VARIABLES = ("batch_index", "lr", "momentum", "weight_decay", "step_epoch", "batch_loss")
+
+    def _labels(self, labels, name: str) -> np.ndarray | None:
+        if labels is None:
+            return None
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (self.n_train,):
+            raise InvalidArgumentError(
+                f"{name} must have shape ({self.n_train},), got {labels.shape}"
+            )
+        return labels
+
+    def _write_static(self, config, attrs, labels, clean) -> None:
+        s, lay, n_rows = self.store, self.layout, self.selection.n_rows
+        s.create_array("sample", self.selection.index, dims=("sample",))
+        row_labels = labels[self.selection.index] if labels is not None else np.full(n_rows, -1)
+        s.create_array("label", row_labels, dims=("sample",))
+        if clean is not None:
+            s.create_array("clean_label", clean[self.selection.index], dims=("sample",))
+            is_noisy = clean[self.selection.index] != row_labels
+            s.create_array("is_noisy", is_noisy, dims=("sample",))
+        s.create_array("layer_name", np.array(lay.names, dtype=object), dims=("layer",))
+        s.create_array("layer_offset", np.array(lay.offsets, dtype=np.int64), dims=("layer",))
+        s.create_array("layer_size", np.array(lay.sizes, dtype=np.int64), dims=("layer",))
+        param_chunks = matrix_chunks(1, lay.n_params, self._itemsize)
+        for name in ("weights", "velocity"):
+            s.create_array(
+                name,
+                dims=("checkpoint", "param"),
+                shape=(0, lay.n_params),
+                dtype=self._weights_dtype,
+                chunks=param_chunks,
+            )
+        for name in ("checkpoint_step", "checkpoint_epoch"):
+            s.create_array(name, dims=("checkpoint",), shape=(0,), dtype=np.int64, chunks=(4096,))
+        s.create_array(
+            "batch_index",
+            dims=("step", "slot"),
+            shape=(0, 1),
+            dtype=np.int64,
+            chunks=(4096, 64),
+            fill_value=-1,
+        )
+        for name in ("lr", "momentum", "weight_decay", "batch_loss"):
+            s.create_array(name, dims=("step",), shape=(0,), dtype=np.float64, chunks=(65536,))
+        s.create_array("step_epoch", dims=("step",), shape=(0,), dtype=np.int64, chunks=(65536,))
+        for name in ("train_loss", "test_loss", "test_accuracy"):
+            s.create_array(name, dims=("epoch",), shape=(0,), dtype=np.float64, chunks=(4096,))
+        s.update_attrs(
+            {
+                "n_train": self.n_train,
+                "n_tracked": n_rows,
+                "n_params": lay.n_params,
+                "mode": self.mode,
+                "parameter_layout": lay.to_attrs(),
+                "config": dict(config or {}),
+                "software": software_versions(),
+                "recorded_step": 0,
+                "step_gradient": "batch_backward"
+                if self.mode == "trajectory"
+                else "per_sample_mean",
+                **dict(attrs or {}),
+            }
+        )
+
+    @property
+    def _weights_dtype(self):
+        return np.float64 if self.dtype == torch.float64 else np.float32
+
+    @property
+    def _itemsize(self) -> int:
+        return np.dtype(self._weights_dtype).itemsize
+
+    # -- training -----------------------------------------------------------------------------
+    def step(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        indices: torch.Tensor | np.ndarray | Sequence[int],
+    ) -> float:
+        """One SGD step on a batch; returns the batch's mean training loss.
+
+        `indices` are the training-set indices (0..N-1) of the batch's samples.
+        """
+        if self._finished:
+            raise InvalidArgumentError("the recording is finished; create a new recorder")
+        index = np.asarray(
+            indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64
+        ).reshape(-1)
+        if index.size != inputs.shape[0] or targets.shape[0] != inputs.shape[0]:
+            raise InvalidArgumentError(
+                f"inputs, targets and indices must have one entry per sample; got "
+                f"{inputs.shape[0]}, {targets.shape[0]} and {index.size}"
+            )
+        if index.size == 0:
+            raise InvalidArgumentError("an empty batch cannot be a training step")
+        if index.min() < 0 or index.max() >= self.n_train:
+            raise InvalidArgumentError(
+                f"batch indices must lie in [0, {self.n_train}); got {index.min()}..{index.max()}"
+            )
+        settings = read_sgd_settings(self.optimizer)
+        inputs = inputs.to(self.device, self.dtype)
+        targets = targets.to(self.device)
+        if self.mode == "trajectory":
+            losses, gradients = batch_gradient(self.model, self.layout, inputs, targets)
+        else:
+            losses, gradients = self.per_sample(inputs, targets)
+        if not torch.isfinite(losses).all():
+            raise InvalidArgumentError(
+                f"the training loss became {losses.mean().item()} at step {self.step_count + 1}; "
+                "lower the learning rate"
+            )
+        if self.exact is not None:
+            weights_before = get_flat_parameters(self.model, self.layout)
+            self.exact.step(weights_before, inputs, targets, index, gradients, settings)
+        if self.approximate is not None:
+            self.approximate.step(index, gradients, settings)
+        sgd_step(self.model, self.optimizer, self.layout, gradients)
+        if not self._label_seen:
+            self._fill_labels(index, targets)
+        self.step_count += 1
+        loss = float(losses.mean())
+        self._buffer_step(index, settings, loss)
+        self._epoch_losses.append(loss * index.size)
+        self._epoch_samples += index.size
+        return loss
+
+    def _fill_labels(self, index: np.ndarray, targets: torch.Tensor) -> None:
+        rows = self.selection.row_of[index]
+        keep = rows >= 0
+        if keep.any():
+            if not hasattr(self, "_seen_labels"):
+                self._seen_labels = np.full(self.selection.n_rows, -1, dtype=np.int64)
+            self._seen_labels[rows[keep]] = targets.cpu().numpy()[keep]
+
+    def _buffer_step(self, index: np.ndarray, settings: SGDSettings, loss: float) -> None:
+        p = self._pending
+        p["batch_index"].append(index)
+        p["lr"].append(settings.lr)
+        p["momentum"].append(settings.momentum)
+        p["weight_decay"].append(settings.weight_decay)
+        p["step_epoch"].append(self.epoch)
+        p["batch_loss"].append(loss)
+
+    def _flush_steps(self) -> None:
+        p = self._pending
+        if not p["lr"]:
+            return
+        width = max(b.size for b in p["batch_index"])
+        block = np.full((len(p["batch_index"]), width), -1, dtype=np.int64)
+        for k, b in enumerate(p["batch_index"]):
+            block[k, : b.size] = b
+        self.store.append("batch_index", block)
+        for name in ("lr", "momentum", "weight_decay", "batch_loss"):
+            self.store.append(name, np.asarray(p[name], dtype=np.float64))
+        self.store.append("step_epoch", np.asarray(p["step_epoch"], dtype=np.int64))
+        self._pending = {k: [] for k in self._STEP_VARIABLES}
+
+    def _checkpoint(self, epoch: int) -> None:
+        weights = get_flat_parameters(self.model, self.layout).cpu().numpy()
+        velocity = velocity_of(self.optimizer, self.model, self.layout).cpu().numpy()
+        self.store.append("weights", weights[None].astype(self._weights_dtype))
+        self.store.append("velocity", velocity[None].astype(self._weights_dtype))
+        self.store.append("checkpoint_step", np.array([self.step_count]))
+        self.store.append("checkpoint_epoch", np.array([epoch]))
+        self._last_checkpoint_step = self.step_count
+
+    def checkpoint(self) -> None:
+        """Flush the trajectory and store the current weights and momentum as a checkpoint."""
+        self._flush_steps()
+        self._checkpoint(self.epoch)
+        self.store.update_attrs({"recorded_step": self.step_count})
+        consolidate(self.path)
+
+    def end_epoch(
+        self, *, test_loss: float = float("nan"), test_accuracy: float = float("nan")
+    ) -> EpochRecord:
+        """Close an epoch: log its metrics and take a checkpoint every `checkpoint_every` epochs."""
+        train_loss = sum(self._epoch_losses) / max(1, self._epoch_samples)
+        self.epoch += 1
+        record = EpochRecord(self.epoch, train_loss, float(test_loss), float(test_accuracy))
+        self.epochs.append(record)
+        self.store.append("train_loss", np.array([train_loss]))
+        self.store.append("test_loss", np.array([record.test_loss]))
+        self.store.append("test_accuracy", np.array([record.test_accuracy]))
+        self._epoch_losses, self._epoch_samples = [], 0
+        if self.epoch % self.checkpoint_every == 0:
+            self.checkpoint()
+        return record
+
+    def hypergradients(self, exact: bool = False) -> torch.Tensor:
+        """h_T of all tracked rows as one tensor (for small runs and tests; the store streams)."""
+        tracker = self.exact if exact else self.approximate
+        if tracker is None:
+            raise InvalidArgumentError(
+                f"this recorder does not run the {'exact' if exact else 'approximate'} mode"
+            )
+        return tracker.hypergradient_rows(0, self.selection.n_rows)
+
+    def finish(self, progress: Callable[[int, int], None] | None = None) -> Path:
+        """Write the hypergradients and the last checkpoint, then mark the store complete."""
+        if self._finished:
+            return self.path
+        self._flush_steps()
+        if self._last_checkpoint_step != self.step_count:
+            self._checkpoint(self.epoch)
+        if hasattr(self, "_seen_labels"):
+            self.store.group["label"][:] = self._seen_labels
+        for name, tracker in (
+            ("hypergradient", self.approximate),
+            ("hypergradient_exact", self.exact),
+        ):
+            if tracker is None:
+                continue
+            self.store.write_rows(
+                name,
+                self.selection.n_rows,
+                self.layout.n_params,
+                lambda a, b, tr=tracker: tr.hypergradient_rows(a, b).detach().cpu().numpy(),
+                attrs={"step": self.step_count, "long_name": "dw_T/d eps_i"},
+                progress=progress,
+            )
+        self.store.close()
+        self.store.set_status(STATUS_COMPLETE, recorded_step=self.step_count, completed=now_iso())
+        self._finished = True
+        return self.path
+
+    def fail(self, reason: str) -> None:
+        """Mark the store as failed (it keeps what was written, and says it is incomplete)."""
+        if self._finished:
+            return
+        self.store.close()
+        self.store.set_status(STATUS_FAILED, failure=reason, recorded_step=self.step_count)
+        self._finished = True
+
+    def __enter__(self) -> HydraRecorder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            name = "interrupted" if exc_type is KeyboardInterrupt else exc_type.__name__
+            self.fail(f"{name}: {exc}")

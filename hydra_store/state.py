@@ -1,0 +1,122 @@
+"""Where the tracked hypergradient state lives.
+
+The approximate and exact recurrences only ever touch the state through `TrackedState`: an
+affine update of some rows `(h, m) <- A_r (h, m) + (alpha_r, beta_r) g_r`, and reads of row blocks.
+In-memory, budgeted (out-of-core) and projected states are implementations of this one interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from hydra_store.errors import InvalidArgumentError
+
+
+class TrackedState(ABC):
+    """Per tracked sample: `h = dw/d eps_i` and, with momentum, `m = dv/d eps_i`."""
+
+    n_rows: int
+    n_params: int
+    has_momentum: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    @abstractmethod
+    def update_rows(
+        self,
+        rows: torch.Tensor,
+        transition: torch.Tensor,
+        injection: torch.Tensor | None = None,
+        gradients: torch.Tensor | None = None,
+    ) -> None:
+        """For each row r: `(h, m) <- transition[r] @ (h, m) + injection[r] * gradients[r]`.
+
+        `rows`: (R,) int64, distinct. `transition`: (R, 2, 2). `injection`: (R, 2) coefficients of
+        the gradient for h and m. Without momentum only `transition[:, 0, 0]` and `injection[:, 0]`
+        are used.
+        """
+
+    @abstractmethod
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """h of rows [start, stop) as a (stop - start, P) tensor (read only)."""
+
+    @abstractmethod
+    def read_momentum_rows(self, start: int, stop: int) -> torch.Tensor:
+        """m of rows [start, stop); zeros when the state has no momentum."""
+
+    @property
+    def nbytes(self) -> int:
+        per = torch.empty((), dtype=self.dtype).element_size()
+        return self.n_rows * self.n_params * per * (2 if self.has_momentum else 1)
+
+
+class InMemoryTrackedState(TrackedState):
+    """The whole state as dense tensors on one device (host RAM or GPU memory)."""
+
+    def __init__(
+        self,
+        n_rows: int,
+        n_params: int,
+        *,
+        has_momentum: bool,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if n_rows <= 0 or n_params <= 0:
+            raise InvalidArgumentError(
+                f"tracked state needs at least one row and one parameter, got {n_rows}x{n_params}"
+            )
+        self.n_rows, self.n_params = n_rows, n_params
+        self.has_momentum = has_momentum
+        self.dtype = dtype
+        self.device = torch.device(device)
+        try:
+            self.h = torch.zeros(n_rows, n_params, dtype=dtype, device=self.device)
+            self.m = (
+                torch.zeros(n_rows, n_params, dtype=dtype, device=self.device)
+                if has_momentum
+                else None
+            )
+        except (RuntimeError, MemoryError) as error:
+            gib = self.nbytes / 2**30
+            raise InvalidArgumentError(
+                f"the tracked state needs {gib:.1f} GiB on {self.device} and could not be "
+                "allocated; track fewer samples (--track N)"
+            ) from error
+
+    def update_rows(
+        self,
+        rows: torch.Tensor,
+        transition: torch.Tensor,
+        injection: torch.Tensor | None = None,
+        gradients: torch.Tensor | None = None,
+    ) -> None:
+        transition = transition.to(device=self.device, dtype=self.dtype)
+        h_old = self.h.index_select(0, rows)
+        if self.m is None:
+            h_new = h_old.mul_(transition[:, 0, 0, None])
+            if gradients is not None:
+                h_new.addcmul_(gradients, injection[:, 0, None].to(self.dtype))
+            self.h.index_copy_(0, rows, h_new)
+            return
+        m_old = self.m.index_select(0, rows)
+        h_new = torch.mul(h_old, transition[:, 0, 0, None])
+        h_new.addcmul_(m_old, transition[:, 0, 1, None])
+        m_new = m_old.mul_(transition[:, 1, 1, None])
+        m_new.addcmul_(h_old, transition[:, 1, 0, None])
+        if gradients is not None:
+            injection = injection.to(device=self.device, dtype=self.dtype)
+            h_new.addcmul_(gradients, injection[:, 0, None])
+            m_new.addcmul_(gradients, injection[:, 1, None])
+        self.h.index_copy_(0, rows, h_new)
+        self.m.index_copy_(0, rows, m_new)
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.h[start:stop]
+
+    def read_momentum_rows(self, start: int, stop: int) -> torch.Tensor:
+        if self.m is None:
+            return torch.zeros_like(self.h[start:stop])
+        return self.m[start:stop]
