@@ -70,11 +70,8 @@ def consolidate(path: Path | str) -> None:
         zarr.consolidate_metadata(str(path))
 
 
-def prepare_output_path(path: Path, overwrite: bool) -> None:
-    """Refuse an existing path unless overwriting a hydra-store store was asked for.
-
-    Call this only after every input has been validated: it deletes the old store.
-    """
+def check_output_path(path: Path, overwrite: bool) -> None:
+    """Raise if `path` may not receive a new store; changes nothing."""
     if not path.exists():
         if not path.parent.exists():
             raise StoreNotFoundError(
@@ -86,14 +83,22 @@ def prepare_output_path(path: Path, overwrite: bool) -> None:
             f"{path} already exists; pass --overwrite to replace it, or choose another --out"
         )
     if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
         return
     if not is_store(path):
         raise StoreExistsError(
             f"{path} exists and is not a hydra-store store; refusing to delete it even with "
             "--overwrite. Choose another --out"
         )
-    shutil.rmtree(path)
+
+
+def prepare_output_path(path: Path, overwrite: bool) -> None:
+    """Check the path, then delete an old store there (only with `overwrite`).
+
+    Call this only after every input has been validated.
+    """
+    check_output_path(path, overwrite)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 class RecordingStore:

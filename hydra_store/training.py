@@ -17,6 +17,7 @@ from hydra_store.hypergradient import per_sample_loss
 from hydra_store.models import build_model
 from hydra_store.recorder import EpochRecord, HydraRecorder
 from hydra_store.schedules import EpochSchedule
+from hydra_store.store import check_output_path
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,9 @@ def select_tracked(track: str, labels: np.ndarray, seed: int) -> np.ndarray:
     path = Path(track)
     try:
         index = (
-            np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+            np.load(path)
+            if path.suffix == ".npy"
+            else np.array(path.read_text().split(), dtype=np.int64)
         )
     except (OSError, ValueError) as error:
         raise InvalidArgumentError(f"--track {track}: cannot read indices ({error})") from error
@@ -159,6 +162,7 @@ def prepare_run(config: RecordConfig) -> PreparedRun:
         seed=config.seed,
     ).to(device)
     tracked = select_tracked(config.track, noisy, config.seed)
+    check_output_path(Path(config.out), config.overwrite)
     return PreparedRun(
         config=config,
         bundle=bundle,

@@ -1,0 +1,172 @@
+"""`hydra-store analyze` and `hydra-store suspects`: parse, call the library, print."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from cli.common import progress_bar, user_errors
+from hydra_store.scheduler import SCHEDULER_HELP
+
+
+class Method(str, Enum):
+    hydra = "hydra"
+    hydra_exact = "hydra-exact"
+
+
+class _Bars:
+    """One tqdm bar per progress stage, closed when the next stage starts."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = progress_bar(total, stage)
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def summary_lines(summary) -> list[str]:
+    names = summary.class_names
+    lines = [
+        f"analysed {summary.path} against test set {summary.test_set!r} "
+        f"({summary.n_samples} training samples x {summary.n_test} test samples, "
+        f"{summary.n_params} parameters) in {summary.seconds:.1f} s",
+        f"written to group {summary.group}: {', '.join(summary.variables)}",
+        f"open with: xr.open_zarr({str(summary.path)!r}, group={summary.group!r})",
+    ]
+    for name, parts in summary.extremes.items():
+        tiles = ", ".join(
+            f"#{i} ({names[int(label)]}) {value:+.3g}"
+            for i, label, value in list(
+                zip(parts["index"], parts["label"], parts["value"], strict=True)
+            )[:5]
+        )
+        lines.append(f"{name.replace('_', ' ')}: {tiles}")
+    lines.append(
+        f"inter-class: {summary.interclass_diagonal_share:.0%} of training classes help their "
+        "own test class most"
+    )
+    lines.append(f"sign clustering: {summary.n_suspects} of {summary.n_samples} samples suspect")
+    if summary.noise is not None:
+        n = summary.noise
+        lines.append(
+            f"injected label noise ({n.noise_rate:.0%}): Jaccard {n.jaccard:.3f} "
+            f"(mislabelled {n.jaccard_noisy:.3f}, correct {n.jaccard_clean:.3f}), "
+            f"AUC {n.auc:.3f}, precision at the noise rate {n.precision_at_rate:.3f}"
+        )
+    for figure in summary.figures:
+        lines.append(f"figure: {figure}")
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `analyze` and `suspects` commands to the app."""
+
+    @app.command()
+    def analyze(
+        store: Path = typer.Argument(..., help="a complete hydra-store store"),
+        test_set: str = typer.Option(
+            "test",
+            "--test-set",
+            help="'test' (the run's test split), 'validation', or a data-set spec of the same "
+            "input shape",
+        ),
+        checkpoint: int = typer.Option(-1, help="checkpoint whose weights give the test gradients"),
+        top_k: int = typer.Option(10, "--top-k", help="influencers kept per test sample"),
+        clusters_k: int = typer.Option(
+            1000, "--clusters-k", help="test samples drawn for sign clustering (all if fewer)"
+        ),
+        seed: int = typer.Option(0, help="seed of the test samples drawn for clustering"),
+        scheduler: str = typer.Option("threads", help=SCHEDULER_HELP),
+        memory_limit: str | None = typer.Option(
+            None, "--memory-limit", help="memory limit per worker for local-cluster, e.g. 2GB"
+        ),
+        batch_size: int = typer.Option(256, "--batch-size", help="test samples per gradient batch"),
+        method: Method = typer.Option(
+            Method.hydra,
+            help="hydra: stored hypergradients; hydra-exact: reverse sweep through the trajectory",
+        ),
+        per_test: int | None = typer.Option(
+            None, "--per-test", help="hydra-exact only: test samples given their own sweep"
+        ),
+        no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
+    ) -> None:
+        """Contributions, inter-class matrix, top influencers and sign clustering of a store."""
+        bars = _Bars()
+        with user_errors():
+            try:
+                if method is Method.hydra_exact:
+                    from hydra_store.reverse import run_exact_analysis
+
+                    result = run_exact_analysis(
+                        store,
+                        test_set=test_set,
+                        per_test=per_test,
+                        scheduler=scheduler,
+                        checkpoint=checkpoint,
+                        progress=bars,
+                    )
+                    bars.close()
+                    for line in result.lines():
+                        typer.echo(line)
+                    return
+                from hydra_store.analysis.pipeline import AnalyzeConfig
+                from hydra_store.analysis.pipeline import analyze as run_analyze
+
+                config = AnalyzeConfig(
+                    test_set=test_set,
+                    checkpoint=checkpoint,
+                    top_k=top_k,
+                    clusters_k=clusters_k,
+                    seed=seed,
+                    scheduler=scheduler,
+                    memory_limit=memory_limit,
+                    batch_size=batch_size,
+                    figures=not no_figures,
+                )
+                summary = run_analyze(store, config, progress=bars)
+            finally:
+                bars.close()
+        for line in summary_lines(summary):
+            typer.echo(line)
+
+    @app.command()
+    def suspects(
+        store: Path = typer.Argument(..., help="a store analysed with `hydra-store analyze`"),
+        test_set: str = typer.Option("test", "--test-set", help="the analysed test set"),
+        out: Path | None = typer.Option(None, "--out", help="CSV file (default: stdout)"),
+    ) -> None:
+        """Training samples ranked from most harmful, as CSV (index, label, total contribution,
+        suspect flag)."""
+        with user_errors():
+            from hydra_store.analysis.pipeline import suspects as run_suspects
+
+            table = run_suspects(store, test_set)
+        text = table.to_csv()
+        if out is None:
+            sys.stdout.write(text)
+        else:
+            out.write_text(text)
+            typer.echo(f"wrote {len(table.rows)} rows to {out}", err=True)
+        if table.noise is not None:
+            n = table.noise
+            typer.echo(
+                f"injected label noise ({n['noise_rate']:.0%}): precision at the noise rate "
+                f"{n['precision_at_noise_rate']:.3f}, AUC {n['auc']:.3f}, Jaccard {n['jaccard']:.3f}",
+                err=True,
+            )

@@ -1,0 +1,186 @@
+"""`hydra-store`: record HyDRA hypergradients, inspect stores, analyse them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from cli.common import directory_bytes, human_bytes, progress_bar, user_errors
+
+app = typer.Typer(
+    help="HyDRA: measure how much each training sample helped or hurt each test prediction, "
+    "from hypergradients tracked along the whole SGD trajectory and kept in a Zarr store.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """hydra-store: record, inspect and analyse HyDRA hypergradient stores."""
+
+
+@app.command()
+def record(
+    dataset: str = typer.Option(
+        "digits",
+        help="digits (scikit-learn, offline), synthetic[:n=..,size=..,channels=..,classes=..,"
+        "test=..], mnist, fashion-mnist, cifar10 (standard files in --data-root), a .npz file "
+        "or zarr group with x_train/y_train/x_test/y_test, or package.module:function.",
+    ),
+    model: str = typer.Option(
+        "mlp", help="logreg, mlp (mlp:hidden=64,32), lenet5, or package.module:function."
+    ),
+    epochs: int = typer.Option(20, help="Training epochs."),
+    batch_size: int = typer.Option(64, help="Mini-batch size B."),
+    lr: float = typer.Option(0.01, help="Initial learning rate."),
+    momentum: float = typer.Option(0.9, help="SGD momentum p (0 for plain SGD)."),
+    weight_decay: float = typer.Option(2e-5, help="Weight decay λ (L2 coefficient)."),
+    schedule: str = typer.Option(
+        "step",
+        help="Learning-rate schedule: constant; step (x --lr-decay every --lr-step-epochs); "
+        "exponential (x --lr-decay every epoch); plateau (x --lr-decay when train+validation "
+        "loss has not improved by 0.01% for --plateau-patience epochs); cosine (per step).",
+    ),
+    lr_decay: float = typer.Option(
+        None, help="Decay factor (default: 0.1 step, 0.95 exponential, 0.5 plateau)."
+    ),
+    lr_step_epochs: int = typer.Option(5, help="Epochs between decays of the step schedule."),
+    plateau_patience: int = typer.Option(2, help="Epochs without improvement before a decay."),
+    seed: int = typer.Option(
+        0, help="Seed of the split, model init, batch order, noise, tracking."
+    ),
+    track: str = typer.Option(
+        "all",
+        help="Training samples to track: 'all', a count (drawn stratified by class), or a file "
+        "of indices (.npy or whitespace-separated text).",
+    ),
+    label_noise: float = typer.Option(
+        0.0, help="Fraction of training labels reassigned at random to a wrong class."
+    ),
+    checkpoint_every: int = typer.Option(1, help="Epochs between stored weight checkpoints."),
+    out: Path = typer.Option(Path("hydra-run.zarr"), help="Path of the Zarr store to write."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store at --out."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    mode: str = typer.Option(
+        "approximate",
+        help="approximate (the paper's Algorithm 1), exact (Hessian-aware: one Hessian-vector "
+        "product per tracked sample per step; hundreds of samples), or both.",
+    ),
+    trajectory_only: bool = typer.Option(
+        False,
+        "--trajectory-only",
+        help="Record only the trajectory (checkpoints, batches, learning rates) at the cost of "
+        "plain training; analyse later with `analyze --method hydra-exact`.",
+    ),
+    data_root: Path = typer.Option(
+        None, help="Directory holding mnist/fashion-mnist/cifar10 files."
+    ),
+    validation_fraction: float = typer.Option(
+        0.0, help="Carve a stratified validation split of this size out of the training set."
+    ),
+) -> None:
+    """Train a model with SGD and record HyDRA hypergradients into a Zarr store."""
+    from hydra_store.config import RecordConfig
+    from hydra_store.training import prepare_run, record_run
+
+    with user_errors():
+        if trajectory_only and mode != "approximate":
+            raise_usage(
+                "--trajectory-only records no hypergradients; do not combine it with --mode"
+            )
+        config = RecordConfig(
+            dataset=dataset,
+            model=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            lr_decay=lr_decay,
+            lr_step_epochs=lr_step_epochs,
+            plateau_patience=plateau_patience,
+            seed=seed,
+            track=track,
+            label_noise=label_noise,
+            checkpoint_every=checkpoint_every,
+            out=str(out),
+            overwrite=overwrite,
+            device=device,
+            mode="trajectory" if trajectory_only else mode,
+            data_root=None if data_root is None else str(data_root),
+            validation_fraction=validation_fraction,
+        )
+        prepared = prepare_run(config)
+        n_train = len(prepared.bundle.train.targets)
+        total = -(-n_train // batch_size) * epochs
+        bar = progress_bar(total, "training", unit="step")
+
+        def on_progress(p) -> None:
+            bar.update(p.step - bar.n)
+            bar.set_postfix_str(
+                f"epoch {p.epoch}/{p.epochs} loss {p.loss:.4f} {p.samples_per_second:,.0f} samples/s"
+            )
+
+        try:
+            summary = record_run(config, progress=on_progress, prepared=prepared)
+        finally:
+            bar.close()
+    last = summary.epochs[-1]
+    typer.echo(f"recorded {summary.path}  (status: complete)")
+    typer.echo(
+        f"  data {prepared.bundle.name}: {summary.n_train} training samples, "
+        f"{summary.n_tracked} tracked; model {model}: {summary.n_params:,} parameters"
+    )
+    typer.echo(
+        f"  {len(summary.epochs)} epochs: train loss {last.train_loss:.4f}, test loss "
+        f"{last.test_loss:.4f}, test accuracy {100 * last.test_accuracy:.2f}%"
+    )
+    typer.echo(
+        f"  time {summary.seconds:.1f} s ({summary.samples_per_second:,.0f} training samples/s); "
+        f"store size {human_bytes(summary.store_bytes)}"
+    )
+
+
+def raise_usage(message: str) -> None:
+    from hydra_store.errors import InvalidArgumentError
+
+    raise InvalidArgumentError(message)
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="Path of a hydra-store store.")) -> None:
+    """Show what a store holds: run config, status, sizes, epochs, accuracy, analyses."""
+    from hydra_store.inspect import describe_store
+
+    with user_errors():
+        lines = describe_store(store)
+    for line in lines:
+        typer.echo(line)
+    typer.echo(f"  size on disk: {human_bytes(directory_bytes(store))}")
+
+
+def _register_optional() -> None:
+    """Commands contributed by the analysis modules."""
+    import importlib
+
+    for name in ("cli.analyze", "cli.reverse"):
+        try:
+            importlib.import_module(name).register(app)
+        except ModuleNotFoundError:  # TEMPORARY until the modules land
+            pass
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

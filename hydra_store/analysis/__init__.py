@@ -1,0 +1,74 @@
+"""Analyses of a recorded store: contributions, inter-class matrix, top influencers, sign
+clustering and noisy-label ranking (docs/analysis.md).
+
+The functions return lazy xarray objects backed by dask, so they compose with
+`xr.open_zarr(store)` and `xr.open_zarr(store, group="analysis/test")`. `analyze` and `suspects`
+(which need torch to compute test gradients) are imported lazily, so that dask workers that
+unpickle these graphs never import the model code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hydra_store.analysis.clustering import NoiseScores, noise_scores, sign_clusters
+from hydra_store.analysis.contributions import contributions, total_contributions
+from hydra_store.analysis.influencers import extreme_samples, top_influencers
+from hydra_store.analysis.interclass import interclass
+
+if TYPE_CHECKING:
+    from hydra_store.analysis.pipeline import (
+        AnalyzeConfig,
+        AnalyzeSummary,
+        ProgressCallback,
+        SuspectsTable,
+    )
+
+__all__ = [
+    "AnalyzeConfig",
+    "AnalyzeSummary",
+    "NoiseScores",
+    "SuspectsTable",
+    "analyze",
+    "contributions",
+    "extreme_samples",
+    "interclass",
+    "noise_scores",
+    "open_analysis",
+    "sign_clusters",
+    "suspects",
+    "top_influencers",
+    "total_contributions",
+]
+
+
+def analyze(
+    path: str | Path, config: AnalyzeConfig | None = None, progress: ProgressCallback | None = None
+) -> AnalyzeSummary:
+    """Run every analysis for one test set into `analysis/<name>` (see pipeline.analyze)."""
+    from hydra_store.analysis.pipeline import analyze as run
+
+    return run(path, config, progress)
+
+
+def suspects(path: str | Path, test_set: str = "test") -> SuspectsTable:
+    """Training samples ranked from most harmful (see pipeline.suspects)."""
+    from hydra_store.analysis.pipeline import suspects as run
+
+    return run(path, test_set)
+
+
+def open_analysis(path: str | Path, test_set: str = "test"):
+    """The analysis group of a test set as a lazy xarray Dataset."""
+    from hydra_store.analysis.pipeline import open_analysis as run
+
+    return run(path, test_set)
+
+
+def __getattr__(name: str):
+    if name in ("AnalyzeConfig", "AnalyzeSummary", "SuspectsTable", "ProgressCallback"):
+        from hydra_store.analysis import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)

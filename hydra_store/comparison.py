@@ -1,0 +1,300 @@
+"""Compare contribution methods against the exact (reverse-mode, Hessian-aware) contribution of
+every training sample: sign error rate and Spearman correlation, at the end of training and over
+checkpoints (the paper's Figures 4 and 5, measured on all N training samples)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hydra_store.errors import AnalysisError, InvalidArgumentError
+from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
+from hydra_store.reverse import (
+    adjoint_contributions,
+    mean_test_gradient,
+    read_reverse_group,
+    run_exact_analysis,
+    write_group_atomically,
+)
+from hydra_store.store import open_group, require_complete
+from hydra_store.testsets import group_name, resolve_test_set
+
+Progress = Callable[[str, int, int], None]
+
+# The paper's approximation study (HyDRA against its exact mode, Fashion-MNIST, 500 tracked
+# training samples, end of training): shown beside what we measure.
+PAPER_SIGN_ERROR = 0.014
+PAPER_SPEARMAN = 0.986
+
+
+def sign_error_rate(predicted: np.ndarray, exact: np.ndarray) -> float:
+    """Fraction of samples whose predicted contribution has the other sign than the exact one."""
+    predicted, exact = np.asarray(predicted), np.asarray(exact)
+    return float(np.mean(np.sign(predicted) != np.sign(exact)))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (ties get their average rank)."""
+    ra = pd.Series(np.asarray(a, dtype=np.float64)).rank().to_numpy()
+    rb = pd.Series(np.asarray(b, dtype=np.float64)).rank().to_numpy()
+    return pearson(ra, rb)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def stored_methods(path: str | Path, test_set: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Contributions stored by other analyses: {method: (training indices, C(i))}.
+
+    Reads every `total_contribution*` variable of `analysis/<test set>` with dims (sample,)
+    (tracked samples, mapped to training indices through the root `sample` coordinate) or
+    (train,) (all samples).
+    """
+    root = open_group(path)
+    name = group_name(test_set)
+    try:
+        group = root[f"analysis/{name}"]
+    except KeyError:
+        return {}
+    methods: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sample = np.asarray(root["sample"][:]) if "sample" in root else None
+    for key in sorted(group.array_keys()):
+        if not key.startswith("total_contribution"):
+            continue
+        array = group[key]
+        dims = tuple(array.metadata.dimension_names or ())
+        values = np.asarray(array[:], dtype=np.float64)
+        if dims == ("sample",) and sample is not None and values.size == sample.size:
+            index = np.asarray(group["sample"][:]) if "sample" in group else sample
+            methods[f"analysis:{key}"] = (index.astype(np.int64), values)
+        elif dims == ("train",):
+            methods[f"analysis:{key}"] = (np.arange(values.size), values)
+    return methods
+
+
+def exact_totals(
+    path: str | Path, test_set: str, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(exact C(i), approximate C(i)) for all N from `reverse/<test set>`, computing it first
+    when absent (then the third item is True)."""
+    group = read_reverse_group(path, test_set)
+    computed = False
+    if group is None or "total_contribution_exact" not in group:
+        run_exact_analysis(path, test_set, progress=progress)
+        group = read_reverse_group(path, test_set)
+        computed = True
+    if group is None or group.attrs.get("checkpoint") != len(Trajectory(path).checkpoint_step) - 1:
+        raise AnalysisError(
+            f"reverse/{group_name(test_set)} was computed at a truncated checkpoint; rerun "
+            "`hydra-store analyze --method hydra-exact` without --checkpoint"
+        )
+    exact = np.asarray(group["total_contribution_exact"][:], dtype=np.float64)
+    approx = np.asarray(group["total_contribution_approx"][:], dtype=np.float64)
+    return exact, approx, computed
+
+
+@dataclass
+class MethodScore:
+    method: str
+    n_samples: int
+    sign_error: float
+    spearman: float
+    pearson: float
+
+
+@dataclass
+class ComparisonSummary:
+    path: Path
+    test_set: str
+    n_train: int
+    scores: list[MethodScore]
+    checkpoint_step: np.ndarray = field(repr=False)
+    checkpoint_sign_error: np.ndarray = field(repr=False)
+    checkpoint_spearman: np.ndarray = field(repr=False)
+    png: Path | None
+    computed_exact: bool
+    seconds: float
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.computed_exact:
+            out.append(f"computed the exact contributions first (reverse/{self.test_set})")
+        out += [
+            f"against the exact (Hessian-aware) contribution of all {self.n_train} training "
+            f"samples, test set {self.test_set!r}:",
+            f"{'method':<44} {'samples':>8} {'sign error':>11} {'Spearman':>9} {'Pearson':>8}",
+        ]
+        for s in self.scores:
+            out.append(
+                f"{s.method:<44} {s.n_samples:>8} {s.sign_error:>11.4f} {s.spearman:>9.4f} "
+                f"{s.pearson:>8.4f}"
+            )
+        out.append(
+            f"{'paper, HyDRA (Fashion-MNIST, 500 tracked)':<44} {500:>8} "
+            f"{PAPER_SIGN_ERROR:>11.4f} {PAPER_SPEARMAN:>9.4f} {'':>8}"
+        )
+        if self.checkpoint_step.size:
+            out.append("approximate against exact over checkpoints (step: sign error, Spearman):")
+            out.append(
+                "  "
+                + "; ".join(
+                    f"{int(t)}: {e:.3f}, {r:.3f}"
+                    for t, e, r in zip(
+                        self.checkpoint_step,
+                        self.checkpoint_sign_error,
+                        self.checkpoint_spearman,
+                        strict=True,
+                    )
+                )
+            )
+        if self.png is not None:
+            out.append(f"plot: {self.png}")
+        out.append(f"written to {self.path}/reverse/{self.test_set}/comparison")
+        return out
+
+
+def checkpoint_study(
+    path: str | Path,
+    test_set: str = "test",
+    *,
+    every: int = 1,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(checkpoint steps, sign error, Spearman) of approximate against exact at checkpoints
+    1, 1+every, ..., and the last: each by an adjoint truncated at the checkpoint, with the
+    test direction taken at its weights. Costs about K/2 full sweeps for K checkpoints."""
+    if every < 1:
+        raise InvalidArgumentError(f"--every must be >= 1, got {every}")
+    trajectory = Trajectory(path)
+    data = load_run_data(path)
+    tests = resolve_test_set(path, test_set, run=data)
+    last = len(trajectory.checkpoint_step) - 1
+    chosen = sorted(set(range(1, last + 1, every)) | {last}) if last >= 1 else []
+    steps, errors, correlations = [], [], []
+    scratch = model_at_checkpoint(path, 0)
+    for n, k in enumerate(chosen, start=1):
+        model = model_at_checkpoint(path, k)
+        u, _ = mean_test_gradient(model, trajectory.layout, tests.inputs, tests.targets)
+        result = adjoint_contributions(trajectory, scratch, data.train, u[None], checkpoint=k)
+        steps.append(int(trajectory.checkpoint_step[k]))
+        errors.append(sign_error_rate(result.approx[0], result.exact[0]))
+        correlations.append(spearman(result.approx[0], result.exact[0]))
+        if progress is not None:
+            progress("checkpoints", n, len(chosen))
+    return np.array(steps, dtype=np.int64), np.array(errors), np.array(correlations)
+
+
+def plot_checkpoints(
+    out: Path, steps: np.ndarray, errors: np.ndarray, correlations: np.ndarray, title: str
+) -> None:
+    """Sign error rate and Spearman correlation over checkpoints, as a PNG (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(steps, errors, marker="o", label="HyDRA approximate (all samples)")
+    left.axhline(PAPER_SIGN_ERROR, ls="--", c="gray", label="paper, end (Fashion-MNIST)")
+    left.set_xlabel("training step")
+    left.set_ylabel("sign error rate")
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=8)
+    right.plot(steps, correlations, marker="o", label="HyDRA approximate (all samples)")
+    right.axhline(PAPER_SPEARMAN, ls="--", c="gray", label="paper, end (Fashion-MNIST)")
+    right.set_xlabel("training step")
+    right.set_ylabel("Spearman vs exact")
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def run_comparison(
+    path: str | Path,
+    test_set: str = "test",
+    *,
+    over_checkpoints: bool = True,
+    every: int = 1,
+    png: str | Path | None = None,
+    progress: Progress | None = None,
+) -> ComparisonSummary:
+    """Score the approximate HyDRA contribution (and every `total_contribution*` stored in
+    `analysis/<test set>`) against the exact contribution, write the table (and the
+    per-checkpoint curves) to `reverse/<test set>/comparison`, and plot them to `png`
+    (default: `<store>-compare-<test set>.png` beside the store)."""
+    started = time.perf_counter()
+    path = Path(path)
+    require_complete(open_group(path), path)
+    name = group_name(test_set)
+    exact, approx, computed = exact_totals(path, test_set, progress)
+    methods = {"hydra-approx (reverse mode, all samples)": (np.arange(exact.size), approx)}
+    methods.update(stored_methods(path, test_set))
+    scores = []
+    for method, (index, values) in methods.items():
+        gold = exact[index]
+        scores.append(
+            MethodScore(
+                method,
+                int(index.size),
+                sign_error_rate(values, gold),
+                spearman(values, gold),
+                pearson(values, gold),
+            )
+        )
+    steps = np.zeros(0, dtype=np.int64)
+    errors = correlations = np.zeros(0)
+    png_path = None
+    if over_checkpoints:
+        steps, errors, correlations = checkpoint_study(
+            path, test_set, every=every, progress=progress
+        )
+        png_path = (
+            Path(png) if png is not None else path.with_name(f"{path.stem}-compare-{name}.png")
+        )
+        plot_checkpoints(
+            png_path,
+            steps,
+            errors,
+            correlations,
+            f"HyDRA approximate vs exact, all {exact.size} training samples ({path.name})",
+        )
+    arrays = {
+        "method": (np.array([s.method for s in scores], dtype=object), ("method",), {}),
+        "n_samples": (np.array([s.n_samples for s in scores]), ("method",), {}),
+        "sign_error": (np.array([s.sign_error for s in scores]), ("method",), {}),
+        "spearman": (np.array([s.spearman for s in scores]), ("method",), {}),
+        "pearson": (np.array([s.pearson for s in scores]), ("method",), {}),
+        "checkpoint_step": (steps, ("checkpoint",), {}),
+        "checkpoint_sign_error": (errors, ("checkpoint",), {}),
+        "checkpoint_spearman": (correlations, ("checkpoint",), {}),
+    }
+    attrs = {
+        "gold_standard": "total_contribution_exact (reverse mode)",
+        "paper_sign_error": PAPER_SIGN_ERROR,
+        "paper_spearman": PAPER_SPEARMAN,
+        "png": str(png_path) if png_path else None,
+    }
+    write_group_atomically(path, f"reverse/{name}/comparison", arrays, attrs)
+    return ComparisonSummary(
+        path=path,
+        test_set=name,
+        n_train=int(exact.size),
+        scores=scores,
+        checkpoint_step=steps,
+        checkpoint_sign_error=errors,
+        checkpoint_spearman=correlations,
+        png=png_path,
+        computed_exact=computed,
+        seconds=time.perf_counter() - started,
+    )

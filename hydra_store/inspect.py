@@ -1,0 +1,68 @@
+"""A readable description of a store, for `hydra-store info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hydra_store.store import open_group
+
+
+def describe_store(path: str | Path) -> list[str]:
+    """Lines describing a store: status, run configuration, sizes, training metrics, analyses."""
+    group = open_group(path)
+    attrs = dict(group.attrs)
+    config = attrs.get("config") or {}
+    dataset = attrs.get("dataset") or {}
+    lines = [
+        f"store {path}",
+        f"  format {attrs['hydra_store_format']}, status {attrs.get('status')}",
+    ]
+    if attrs.get("status") == "failed" and attrs.get("failure"):
+        lines.append(f"  failure: {attrs['failure']}")
+    lines.append(
+        f"  recorded {attrs.get('created', '?')} .. {attrs.get('completed', 'not completed')}, "
+        f"{attrs.get('recorded_step', 0)} steps"
+    )
+    if config:
+        lines.append(
+            f"  data {config.get('dataset')}  model {config.get('model')}  seed {config.get('seed')}"
+        )
+        lines.append(
+            f"  SGD lr {config.get('lr')} momentum {config.get('momentum')} weight decay "
+            f"{config.get('weight_decay')} batch {config.get('batch_size')} schedule "
+            f"{config.get('schedule')} epochs {config.get('epochs')}"
+        )
+        if config.get("label_noise"):
+            lines.append(f"  label noise {config['label_noise']:.0%} of training labels")
+    lines.append(
+        f"  mode {attrs.get('mode')}: {attrs.get('n_tracked')} of {attrs.get('n_train')} training "
+        f"samples tracked, {attrs.get('n_params'):,} parameters"
+    )
+    if dataset:
+        lines.append(
+            f"  splits: {dataset.get('n_train')} train, {dataset.get('n_validation', 0)} "
+            f"validation, {dataset.get('n_test')} test; classes {', '.join(dataset['class_names'])}"
+        )
+    arrays = dict(group.arrays())
+    if "checkpoint_step" in arrays:
+        lines.append(f"  checkpoints: {arrays['checkpoint_step'].shape[0]}")
+    for name in ("hypergradient", "hypergradient_exact"):
+        if name in arrays:
+            a = arrays[name]
+            lines.append(f"  {name}: {a.shape[0]} x {a.shape[1]} {a.dtype}, chunks {a.chunks}")
+    if "test_accuracy" in arrays and arrays["test_accuracy"].shape[0]:
+        acc = np.asarray(arrays["test_accuracy"][:])
+        loss = np.asarray(arrays["train_loss"][:])
+        lines.append(
+            f"  epochs {acc.size}: final train loss {loss[-1]:.4f}, test accuracy "
+            f"{100 * acc[-1]:.2f}% (best {100 * np.nanmax(acc):.2f}%)"
+        )
+    for parent in ("analysis", "reverse"):
+        if parent in dict(group.groups()):
+            names = sorted(dict(group[parent].groups()))
+            names = [n for n in names if not n.startswith(".")]
+            if names:
+                lines.append(f"  {parent}: {', '.join(names)}")
+    return lines

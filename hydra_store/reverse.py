@@ -1,0 +1,555 @@
+"""Reverse mode through the stored trajectory: exact (Hessian-aware) and approximate HyDRA
+contributions of every training sample at once, for one or a batch of test directions.
+
+The recorded training is ``w_t = w_{t-1} - eta_t v_t``, ``v_t = p v_{t-1} + g_t(w_{t-1}) +
+lambda w_{t-1}``. For a test direction u we want ``s_i = u . dw_T/d eps_i`` for every i. The adjoint
+runs backwards from ``a_w = u, a_v = 0``; at step t (T down to 1), with w_{t-1} the weights before
+the step::
+
+    a_vt  = a_v - eta_t a_w
+    s_i  += (N / B_t) g_{t,i}(w_{t-1}) . a_vt        for each slot of step t's batch
+    a_w   = a_w + (H_t(w_{t-1}) + lambda I) a_vt
+    a_v   = p a_vt
+
+and ``C(i) = -(1/N) s_i``. Dropping H_t gives the approximate (Algorithm 1) contribution; both
+are carried in the same pass. Per step: one forward-over-reverse product gives H_t a_vt and all
+``g_{t,i} . a_vt`` of the batch at once, and one forward-mode product gives the approximate
+twin's dot products; nothing scales with N except the output vector.
+
+The weights w_{t-1} come from replaying each segment between stored checkpoints forward
+(`Trajectory.replay_segment`, checked against the stored checkpoint at the segment's end), one
+segment in memory at a time, walked backwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch.func import functional_call, grad, jvp, vmap
+
+from hydra_store.data import Split
+from hydra_store.errors import AnalysisError, InvalidArgumentError
+from hydra_store.hypergradient import per_sample_loss
+from hydra_store.parameters import ParameterLayout, get_flat_parameters
+from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
+from hydra_store.store import FLOAT_CODEC, consolidate, open_group, require_complete
+from hydra_store.testsets import resolve_test_set
+
+Progress = Callable[[str, int, int], None]
+
+REVERSE_GROUP = "reverse"
+# Directions per dask task when per-test contributions are asked for.
+DIRECTION_CHUNK = 16
+
+# build_model forks the global RNG and is not thread-safe: tasks on dask threads build under this.
+_BUILD_LOCK = threading.Lock()
+# torch's forward-mode AD levels are process-wide, not per thread: two threads inside
+# torch.func.jvp at once corrupt each other's dual level. On the threaded scheduler the
+# per-step products are therefore taken one thread at a time (torch still uses all cores inside
+# each); dask.distributed worker processes run them truly in parallel.
+_FORWARD_AD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class AdjointResult:
+    """Contributions C = -(1/N) s for K directions and all N training samples: (K, N) each."""
+
+    exact: np.ndarray
+    approx: np.ndarray
+    checkpoint: int
+    step: int
+
+
+def _per_sample_losses(
+    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def losses(flat: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
+        return per_sample_loss(logits, targets)
+
+    return losses
+
+
+def adjoint_step_products(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    point: torch.Tensor,
+    exact_vectors: torch.Tensor,
+    approx_vectors: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H a for each exact row (K, P), G a for each exact row (K, B), G b for each approx row
+    (K, B)) with H the Hessian of the batch's mean loss and G the per-sample gradients at `point`.
+
+    H a and G a come from one forward-over-reverse product: the per-sample losses ride along as
+    the auxiliary output of the gradient, so their tangent is G a. G b is one forward product.
+    """
+    losses = _per_sample_losses(model, layout, inputs, targets)
+
+    def mean_and_losses(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = losses(flat)
+        return values.mean(), values
+
+    gradient_and_losses = grad(mean_and_losses, has_aux=True)
+
+    def exact_tangent(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return jvp(gradient_and_losses, (point,), (v,))[1]
+
+    def approx_tangent(v: torch.Tensor) -> torch.Tensor:
+        return jvp(losses, (point,), (v,))[1]
+
+    with _FORWARD_AD_LOCK:
+        hv, ga = vmap(exact_tangent)(exact_vectors)
+        gb = vmap(approx_tangent)(approx_vectors)
+    return hv, ga, gb
+
+
+def adjoint_contributions(
+    trajectory: Trajectory,
+    model: torch.nn.Module,
+    train: Split,
+    directions: torch.Tensor,
+    *,
+    checkpoint: int | None = None,
+    check: bool = True,
+    progress: Progress | None = None,
+) -> AdjointResult:
+    """Exact and approximate contributions of all N training samples along K test directions.
+
+    `directions` (K, P) are test-loss gradients at the weights of `checkpoint` (default: the
+    last); the trajectory is truncated there. `model` is used as scratch for the replay (its
+    dtype is the dtype of the whole computation). Raises ReplayMismatchError when a segment's
+    replay does not reproduce its stored end checkpoint (with `check`).
+    """
+    n_checkpoints = len(trajectory.checkpoint_step)
+    end = n_checkpoints - 1 if checkpoint is None else int(checkpoint)
+    if end < 0:
+        end += n_checkpoints
+    if not 0 <= end < n_checkpoints:
+        raise InvalidArgumentError(
+            f"checkpoint {checkpoint} does not exist; the store has checkpoints "
+            f"0..{n_checkpoints - 1}"
+        )
+    layout = trajectory.layout
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    directions = torch.as_tensor(directions).to(device, dtype)
+    if directions.ndim == 1:
+        directions = directions[None]
+    if directions.ndim != 2 or directions.shape[1] != layout.n_params:
+        raise InvalidArgumentError(
+            f"directions must be (K, {layout.n_params}); got {tuple(directions.shape)}"
+        )
+    n_train = trajectory.n_train
+    if len(train) != n_train:
+        raise AnalysisError(
+            f"the training split has {len(train)} samples but the store records n_train={n_train}"
+        )
+    k = directions.shape[0]
+    a_w, a_v = directions.clone(), torch.zeros_like(directions)
+    b_w, b_v = directions.clone(), torch.zeros_like(directions)
+    s_exact = torch.zeros(k, n_train, dtype=torch.float64, device=device)
+    s_approx = torch.zeros(k, n_train, dtype=torch.float64, device=device)
+    total = int(trajectory.checkpoint_step[end])
+    done = 0
+    inputs, targets = train.inputs, train.targets
+    for segment in range(end - 1, -1, -1):
+        steps = list(trajectory.replay_segment(model, train, segment, check=check))
+        for step in reversed(steps):
+            s = step.settings
+            index = torch.from_numpy(np.asarray(step.batch_index, dtype=np.int64))
+            scale = n_train / index.numel()
+            a_vt = a_v - s.lr * a_w
+            b_vt = b_v - s.lr * b_w
+            hv, ga, gb = adjoint_step_products(
+                model,
+                layout,
+                inputs[index].to(device, dtype),
+                targets[index].to(device),
+                step.weights_before.to(device, dtype),
+                a_vt,
+                b_vt,
+            )
+            device_index = index.to(device)
+            s_exact.index_add_(1, device_index, ga.to(torch.float64), alpha=scale)
+            s_approx.index_add_(1, device_index, gb.to(torch.float64), alpha=scale)
+            a_w = a_w + hv + s.weight_decay * a_vt
+            b_w = b_w + s.weight_decay * b_vt
+            a_v = s.momentum * a_vt
+            b_v = s.momentum * b_vt
+            done += 1
+            if progress is not None:
+                progress("reverse sweep", done, total)
+        del steps
+    factor = -1.0 / n_train
+    return AdjointResult(
+        exact=(s_exact * factor).cpu().numpy(),
+        approx=(s_approx * factor).cpu().numpy(),
+        checkpoint=end,
+        step=total,
+    )
+
+
+# -- test directions ---------------------------------------------------------------------------
+
+
+def mean_test_gradient(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+) -> tuple[torch.Tensor, float]:
+    """(u = grad of the mean test loss at the model's weights (P,), the mean test loss)."""
+    param = next(model.parameters())
+    point = get_flat_parameters(model, layout)
+    total = torch.zeros_like(point)
+    loss_sum = 0.0
+    n = int(targets.shape[0])
+    for start in range(0, n, batch_size):
+        x = inputs[start : start + batch_size].to(param.device, param.dtype)
+        y = targets[start : start + batch_size].to(param.device)
+        losses = _per_sample_losses(model, layout, x, y)
+
+        def summed(flat: torch.Tensor, fn=losses) -> torch.Tensor:
+            return fn(flat).sum()
+
+        g = grad(summed)(point)
+        total += g
+        with torch.no_grad():
+            loss_sum += float(losses(point).sum())
+    return total / max(1, n), loss_sum / max(1, n)
+
+
+def per_test_gradients(
+    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The loss gradient of each given test sample at the model's weights, (n, P)."""
+    param = next(model.parameters())
+    point = get_flat_parameters(model, layout)
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def one(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (layout.unflatten(flat), buffers), (x[None],))
+        return per_sample_loss(logits, y[None]).squeeze(0)
+
+    x = inputs.to(param.device, param.dtype)
+    y = targets.to(param.device)
+    return vmap(grad(one), in_dims=(None, 0, 0))(point, x, y)
+
+
+# -- tasks and the analysis --------------------------------------------------------------------
+
+
+def _direction_task(
+    path: str, directions: np.ndarray, checkpoint: int, check: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """One dask task: a chunk of test directions over the whole trajectory (self-contained, so
+    that it runs the same on threads and on dask.distributed worker processes)."""
+    trajectory = Trajectory(path)
+    with _BUILD_LOCK:
+        model = model_at_checkpoint(path, 0)
+    data = load_run_data(path)
+    result = adjoint_contributions(
+        trajectory,
+        model,
+        data.train,
+        torch.from_numpy(directions),
+        checkpoint=checkpoint,
+        check=check,
+    )
+    return result.exact, result.approx
+
+
+def _select_test_samples(per_test: int | Sequence[int] | None, n_test: int) -> np.ndarray:
+    if per_test is None:
+        return np.zeros(0, dtype=np.int64)
+    if isinstance(per_test, (int, np.integer)):
+        count = int(per_test)
+        if not 1 <= count <= n_test:
+            raise InvalidArgumentError(
+                f"--per-test {count}: the test set has {n_test} samples; ask for 1..{n_test}"
+            )
+        return np.arange(count, dtype=np.int64)
+    index = np.asarray(list(per_test), dtype=np.int64).reshape(-1)
+    if index.size == 0:
+        raise InvalidArgumentError("--per-test: the list of test samples is empty")
+    if index.min() < 0 or index.max() >= n_test or np.unique(index).size != index.size:
+        raise InvalidArgumentError(
+            f"--per-test: test indices must be distinct and lie in [0, {n_test})"
+        )
+    return index
+
+
+def _run_direction_chunks(
+    path: Path,
+    directions: np.ndarray,
+    checkpoint: int,
+    scheduler: str | None,
+    progress: Progress | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-test directions in chunks of DIRECTION_CHUNK, one dask task per chunk."""
+    import dask
+
+    from hydra_store.scheduler import dask_scheduler
+
+    chunks = [
+        directions[start : start + DIRECTION_CHUNK]
+        for start in range(0, directions.shape[0], DIRECTION_CHUNK)
+    ]
+    description = "per-test directions"
+    with dask_scheduler(scheduler) as client:
+        if client is None:
+            lock = threading.Lock()
+            finished = [0]
+
+            def task(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                out = _direction_task(str(path), chunk, checkpoint, True)
+                with lock:
+                    finished[0] += 1
+                    if progress is not None:
+                        progress(description, finished[0], len(chunks))
+                return out
+
+            tasks = [dask.delayed(task, pure=False)(c) for c in chunks]
+            results = list(dask.compute(*tasks))
+        else:
+            from distributed import as_completed
+
+            futures = [
+                client.submit(_direction_task, str(path), c, checkpoint, True, pure=False)
+                for c in chunks
+            ]
+            order = {f.key: n for n, f in enumerate(futures)}
+            results = [None] * len(chunks)
+            for n, future in enumerate(as_completed(futures), start=1):
+                results[order[future.key]] = future.result()
+                if progress is not None:
+                    progress(description, n, len(chunks))
+    exact = np.concatenate([r[0] for r in results], axis=0)
+    approx = np.concatenate([r[1] for r in results], axis=0)
+    return exact, approx
+
+
+@dataclass
+class ExactAnalysisSummary:
+    """What `run_exact_analysis` computed and where it wrote it."""
+
+    path: Path
+    group: str
+    test_set: str
+    n_train: int
+    n_steps: int
+    checkpoint: int
+    test_loss: float
+    n_per_test: int
+    seconds: float
+    total_exact: np.ndarray = field(repr=False)
+    total_approx: np.ndarray = field(repr=False)
+
+    def lines(self) -> list[str]:
+        exact, approx = self.total_exact, self.total_approx
+        from hydra_store.comparison import sign_error_rate, spearman
+
+        order = np.argsort(exact)
+        lines = [
+            f"exact (reverse-mode) contributions of all {self.n_train} training samples to "
+            f"test set {self.test_set!r} at checkpoint {self.checkpoint} (step {self.n_steps}), "
+            f"in {self.seconds:.1f} s",
+            f"written to {self.path}/{self.group}: total_contribution_exact, "
+            "total_contribution_approx"
+            + (
+                f", contribution_exact / contribution_approx for {self.n_per_test} test samples"
+                if self.n_per_test
+                else ""
+            ),
+            f"test loss {self.test_loss:.4f}; approximate against exact: sign error "
+            f"{sign_error_rate(approx, exact):.4f}, Spearman {spearman(approx, exact):.4f}",
+            "most helpful: " + ", ".join(f"{i} ({exact[i]:+.3g})" for i in order[::-1][:5]),
+            "most harmful: " + ", ".join(f"{i} ({exact[i]:+.3g})" for i in order[:5]),
+        ]
+        return lines
+
+
+def run_exact_analysis(
+    path: str | Path,
+    test_set: str = "test",
+    *,
+    per_test: int | Sequence[int] | None = None,
+    scheduler: str | None = None,
+    checkpoint: int | None = None,
+    progress: Progress | None = None,
+) -> ExactAnalysisSummary:
+    """Exact and approximate total contributions of every training sample to a test set (and,
+    with `per_test`, to each of a subset of test samples), written to `reverse/<test set>`.
+
+    Works on any complete store, including trajectory-only ones: no stored hypergradient is
+    read. `per_test` is a count (the first K test samples) or a list of test indices; those
+    directions run as dask tasks of DIRECTION_CHUNK directions each on `scheduler`.
+    `checkpoint` truncates the trajectory there (the test direction is taken at its weights).
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    group = open_group(path)
+    require_complete(group, path)
+    trajectory = Trajectory(path)
+    n_checkpoints = len(trajectory.checkpoint_step)
+    end = n_checkpoints - 1 if checkpoint is None else int(checkpoint)
+    if end < 0:
+        end += n_checkpoints
+    if not 0 <= end < n_checkpoints:
+        raise InvalidArgumentError(
+            f"--checkpoint {checkpoint}: the store has checkpoints 0..{n_checkpoints - 1}"
+        )
+    data = load_run_data(path)
+    tests = resolve_test_set(path, test_set, run=data)
+    model = model_at_checkpoint(path, end)
+    layout = trajectory.layout
+    u, test_loss = mean_test_gradient(model, layout, tests.inputs, tests.targets)
+    chosen = _select_test_samples(per_test, int(tests.targets.shape[0]))
+    per_test_directions = None
+    if chosen.size:
+        index = torch.from_numpy(chosen)
+        per_test_directions = (
+            per_test_gradients(model, layout, tests.inputs[index], tests.targets[index])
+            .detach()
+            .cpu()
+            .numpy()
+        )
+    result = adjoint_contributions(
+        trajectory, model, data.train, u[None], checkpoint=end, progress=progress
+    )
+    arrays: dict[str, tuple[np.ndarray, tuple[str, ...], dict[str, Any]]] = {
+        "train": (np.arange(trajectory.n_train, dtype=np.int64), ("train",), {}),
+        "train_label": (data.train.targets.numpy().astype(np.int64), ("train",), {}),
+        "total_contribution_exact": (
+            result.exact[0],
+            ("train",),
+            {"long_name": "C(i) exact, reverse mode (Hessian kept)"},
+        ),
+        "total_contribution_approx": (
+            result.approx[0],
+            ("train",),
+            {"long_name": "C(i) approximate, reverse mode (Hessian dropped, Algorithm 1)"},
+        ),
+    }
+    if per_test_directions is not None:
+        exact, approx = _run_direction_chunks(path, per_test_directions, end, scheduler, progress)
+        arrays["test"] = (chosen, ("test",), {})
+        arrays["test_label"] = (tests.targets[torch.from_numpy(chosen)].numpy(), ("test",), {})
+        arrays["contribution_exact"] = (
+            exact.T,
+            ("train", "test"),
+            {"long_name": "C(i, j) exact, reverse mode"},
+        )
+        arrays["contribution_approx"] = (
+            approx.T,
+            ("train", "test"),
+            {"long_name": "C(i, j) approximate, reverse mode"},
+        )
+    seconds = time.perf_counter() - started
+    attrs = {
+        "method": "hydra-exact (reverse mode)",
+        "test_set": test_set,
+        "checkpoint": end,
+        "step": result.step,
+        "n_train": trajectory.n_train,
+        "test_loss": test_loss,
+        "seconds": seconds,
+        "sign_convention": "positive: removing the sample would raise the test loss (it helps)",
+    }
+    name = f"{REVERSE_GROUP}/{tests.name}"
+    write_group_atomically(path, name, arrays, attrs)
+    return ExactAnalysisSummary(
+        path=path,
+        group=name,
+        test_set=tests.name,
+        n_train=trajectory.n_train,
+        n_steps=result.step,
+        checkpoint=end,
+        test_loss=test_loss,
+        n_per_test=int(chosen.size),
+        seconds=seconds,
+        total_exact=result.exact[0],
+        total_approx=result.approx[0],
+    )
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def write_group_atomically(
+    path: str | Path,
+    name: str,
+    arrays: Mapping[str, tuple[np.ndarray, tuple[str, ...], Mapping[str, Any]]],
+    attrs: Mapping[str, Any],
+) -> None:
+    """Write a subgroup `name` (e.g. 'reverse/test') of the store: built as a sibling directory,
+    then swapped in by renames, so a reader never sees half a result; then re-consolidate.
+
+    `arrays` maps a variable name to (data, dimension names, attributes).
+    """
+    root = Path(path)
+    parts = name.split("/")
+    group = zarr.open_group(root, mode="r+", use_consolidated=False)
+    for part in parts[:-1]:
+        group = group.require_group(part)
+    target = root.joinpath(*parts)
+    staging = target.parent / f"{parts[-1]}.partial-{uuid.uuid4().hex[:8]}"
+    out = zarr.open_group(staging, mode="w", zarr_format=3)
+    out.attrs.update(dict(attrs))
+    for var, (data, dims, var_attrs) in arrays.items():
+        data = np.asarray(data)
+        kwargs: dict[str, Any] = {}
+        dtype: Any = data.dtype
+        if data.dtype.kind == "f":
+            kwargs["compressors"] = FLOAT_CODEC
+        elif data.dtype.kind in "OUT":
+            dtype, data = str, data.astype(object)
+        array = out.create_array(
+            var,
+            shape=data.shape,
+            dtype=dtype,
+            chunks=data.shape if data.size else "auto",
+            dimension_names=dims,
+            attributes=dict(var_attrs),
+            **kwargs,
+        )
+        if data.size:
+            array[...] = data
+    old = None
+    if target.exists():
+        old = target.parent / f"{parts[-1]}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    consolidate(root)
+
+
+def read_reverse_group(path: str | Path, test_set: str = "test") -> zarr.Group | None:
+    """The `reverse/<test set>` group of a store, or None when not computed yet."""
+    from hydra_store.testsets import group_name
+
+    group = open_group(path)
+    name = f"{REVERSE_GROUP}/{group_name(test_set)}"
+    try:
+        node = group[name]
+    except KeyError:
+        return None
+    return node if isinstance(node, zarr.Group) else None

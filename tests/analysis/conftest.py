@@ -1,0 +1,29 @@
+"""Analysed copies of the shared stores, made once per session (figures off: they are tested
+once, in test_cli.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hydra_store.analysis.pipeline import AnalyzeConfig, analyze
+
+
+@pytest.fixture(scope="session")
+def analysed_store(digits_store, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("analysed") / "digits.zarr"
+    shutil.copytree(digits_store, target)
+    analyze(target, AnalyzeConfig(figures=False, top_k=5))
+    return target
+
+
+@pytest.fixture(scope="session")
+def analysed_noisy_store(noisy_digits_store, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("analysed") / "noisy.zarr"
+    shutil.copytree(noisy_digits_store, target)
+    summary = analyze(target, AnalyzeConfig(figures=False))
+    target.joinpath("summary.txt")  # keep summary reachable through the attrs instead
+    assert summary.noise is not None
+    return target

@@ -1,0 +1,71 @@
+"""Dask reads the hypergradients chunk by chunk: the analysis of an array several times the
+memory limit imposed here completes within it and is correct."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from hydra_store.analysis import contributions, interclass, total_contributions
+from hydra_store.store import FLOAT_CODEC
+
+N_SAMPLE, N_PARAM, N_TEST, ROWS = 16384, 2048, 64, 256
+LIMIT = 24 * 2**20  # the memory limit imposed: the hypergradient (128 MiB) is 5.3x this
+
+
+def make_store(path):
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.attrs.update({"n_train": 50000})
+    h = group.create_array(
+        "hypergradient",
+        shape=(N_SAMPLE, N_PARAM),
+        dtype="f4",
+        chunks=(ROWS, N_PARAM),
+        dimension_names=("sample", "param"),
+        compressors=FLOAT_CODEC,
+    )
+    rng = np.random.default_rng(0)
+    for start in range(0, N_SAMPLE, ROWS):
+        h[start : start + ROWS] = rng.standard_normal((ROWS, N_PARAM), dtype=np.float32)
+    group.create_array("sample", data=np.arange(N_SAMPLE) * 3, dimension_names=("sample",))
+    group.create_array("label", data=np.arange(N_SAMPLE) % 10, dimension_names=("sample",))
+    zarr.consolidate_metadata(str(path))
+    return rng.standard_normal((N_TEST, N_PARAM)).astype(np.float32)
+
+
+def test_analysis_larger_than_memory_limit(tmp_path):
+    path = tmp_path / "big.zarr"
+    g = make_store(path)
+    ds = xr.open_zarr(str(path))
+    assert ds["hypergradient"].nbytes > 5 * LIMIT
+    grads = xr.DataArray(g, dims=("test", "param"))
+    test_labels = np.arange(N_TEST) % 10
+    c = contributions(ds, grads)
+    target = zarr.open_group(tmp_path / "out.zarr", mode="w").create_array(
+        "contribution", shape=c.shape, dtype=c.dtype, chunks=(ROWS, N_TEST)
+    )
+    stored = da.store(c.data, target, lock=False, compute=False)
+    total = total_contributions(ds, grads).data
+    matrix = interclass(ds, grads, test_labels)["interclass"].data
+    tracemalloc.start()
+    with dask.config.set(scheduler="threads", num_workers=2):
+        _, total_v, matrix_v = dask.compute(stored, total, matrix, optimize_graph=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # Measured: peak ~10-20 MiB of traced allocations for a 128 MiB hypergradient.
+    assert peak < LIMIT, f"peak {peak / 2**20:.1f} MiB"
+
+    h = ds["hypergradient"].values.astype(np.float64)
+    expected = -(h @ g.astype(np.float64).T) / 50000
+    np.testing.assert_allclose(target[...], expected, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(total_v, expected.mean(axis=1), rtol=1e-6, atol=1e-12)
+    labels = np.arange(N_SAMPLE) % 10
+    explicit = np.array(
+        [[expected[np.ix_(labels == a, test_labels == b)].mean() for b in range(10)] for a in range(10)]
+    )
+    np.testing.assert_allclose(matrix_v, explicit, atol=1e-9 * np.abs(explicit).max())

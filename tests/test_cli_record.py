@@ -1,0 +1,159 @@
+"""`hydra-store record` and `info` as a user runs them: output, bad input, interruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_one_error_line(result, *fragments: str) -> None:
+    assert result.exit_code != 0
+    text = result.output.strip()
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_record_and_info(tmp_path):
+    out = tmp_path / "run.zarr"
+    result = run("record", "--epochs", "2", "--lr", "0.1", "--track", "100", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "status: complete" in result.output
+    assert "1437 training samples, 100 tracked" in result.output
+    assert "test accuracy" in result.output
+    info = run("info", str(out))
+    assert info.exit_code == 0
+    assert "status complete" in info.output
+    assert "hypergradient: 100 x 2410 float32" in info.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--dataset", "imagenet"], ["imagenet", "digits"]),
+        (["--model", "resnet"], ["resnet", "mlp"]),
+        (["--dataset", "mnist"], ["--data-root"]),
+        (["--lr", "-1"], ["--lr"]),
+        (["--epochs", "0"], ["--epochs"]),
+        (["--momentum", "1.5"], ["--momentum"]),
+        (["--batch-size", "0"], ["--batch-size"]),
+        (["--label-noise", "1.2"], ["--label-noise"]),
+        (["--schedule", "warmup"], ["warmup", "cosine"]),
+        (["--track", "99999"], ["only 1437"]),
+        (["--model", "lenet5"], ["lenet5", "28x28"]),
+        (["--device", "tpu"], ["--device"]),
+    ],
+)
+def test_bad_input_gives_one_error_line_and_writes_nothing(tmp_path, args, fragments):
+    out = tmp_path / "never.zarr"
+    result = run("record", "--out", str(out), *args)
+    assert_one_error_line(result, *fragments)
+    assert not out.exists()
+
+
+def test_missing_data_files_are_named(tmp_path):
+    result = run(
+        "record",
+        "--dataset",
+        "mnist",
+        "--data-root",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "x.zarr"),
+    )
+    assert_one_error_line(result, "train-images-idx3-ubyte", str(tmp_path))
+
+
+def test_existing_store_is_kept_unless_overwrite(tmp_path):
+    out = tmp_path / "run.zarr"
+    assert run("record", "--epochs", "1", "--track", "10", "--out", str(out)).exit_code == 0
+    before = zarr.open_group(out).attrs["created"]
+    assert_one_error_line(run("record", "--epochs", "1", "--out", str(out)), "--overwrite")
+    assert zarr.open_group(out).attrs["created"] == before
+    # bad input with --overwrite still leaves the old store alone: validation comes first
+    assert_one_error_line(run("record", "--overwrite", "--lr", "0", "--out", str(out)), "--lr")
+    assert zarr.open_group(out).attrs["status"] == "complete"
+    again = run("record", "--epochs", "1", "--track", "20", "--overwrite", "--out", str(out))
+    assert again.exit_code == 0
+    assert zarr.open_group(out)["hypergradient"].shape[0] == 20
+
+
+def test_info_on_missing_and_foreign_paths(tmp_path):
+    assert_one_error_line(run("info", str(tmp_path / "nope.zarr")), "no store at")
+    (tmp_path / "plain").mkdir()
+    assert_one_error_line(run("info", str(tmp_path / "plain")), "not a Zarr v3 store")
+
+
+def _start_long_recording(out: Path) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "record",
+        "--dataset",
+        "synthetic:n=4000,size=12",
+        "--model",
+        "mlp",
+        "--epochs",
+        "500",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _wait_for_checkpoints(out: Path, count: int, proc: subprocess.Popen, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if zarr.open_group(out, mode="r")["checkpoint_step"].shape[0] >= count:
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the recording made no progress")
+
+
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGKILL, "recording"), (signal.SIGINT, "failed")]
+)
+def test_a_killed_recording_never_looks_complete(tmp_path, sig, status):
+    out = tmp_path / "killed.zarr"
+    proc = _start_long_recording(out)
+    try:
+        _wait_for_checkpoints(out, 2, proc)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    group = zarr.open_group(out, mode="r")
+    assert group.attrs["status"] == status
+    assert "hypergradient" not in dict(group.arrays())
+    if sig == signal.SIGINT:
+        assert "Traceback" not in proc.stderr.read().decode()

@@ -1,0 +1,218 @@
+"""The recorder against independent computations: autograd through the unrolled training, and
+plain `loss.backward()` + `SGD.step()`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.func import functional_call, grad, jacfwd
+
+from hydra_store.config import RecordConfig
+from hydra_store.data import load_dataset, subset
+from hydra_store.errors import InvalidArgumentError, ModelError, UnsupportedOptimizerError
+from hydra_store.hypergradient import per_sample_loss
+from hydra_store.models import build_model
+from hydra_store.parameters import ParameterLayout, get_flat_parameters
+from hydra_store.recorder import HydraRecorder
+
+
+def small_digits(n_train: int = 22):
+    bundle = load_dataset("digits", seed=0)
+    return subset(bundle.train, np.arange(n_train))
+
+
+def record_small_run(path, *, dtype=torch.float64, mode="both", epochs=3, batch_size=6, seed=0):
+    """A float64 run on 22 digits (batches of 6: the last one of each epoch is partial), with
+    momentum, weight decay and a learning rate that changes at every step."""
+    train = small_digits()
+    model = build_model("mlp:hidden=4", input_shape=(1, 8, 8), n_classes=10, seed=seed, dtype=dtype)
+    initial = get_flat_parameters(model, ParameterLayout.from_model(model)).clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.93)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(train)
+    recorder = HydraRecorder(
+        model, optimizer, path, n_train=n, tracked=[0, 4, 5, 9, 13, 21], mode=mode
+    )
+    with recorder:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                recorder.step(train.inputs[index].to(dtype), train.targets[index], index)
+                scheduler.step()
+            recorder.end_epoch()
+        h = recorder.hypergradients().clone()
+        h_exact = recorder.hypergradients(exact=True).clone() if mode == "both" else None
+    return train, model, initial, h, h_exact
+
+
+def unrolled_final_weights(model, layout, train, store, initial, detach_gradients):
+    """w_T as a function of the per-sample weights eps, replaying the stored batches and
+    learning rates in plain PyTorch: step t's loss is sum_j (1/B_t + eps_j N/B_t) l_j(w)."""
+    group = zarr.open_group(store, mode="r")
+    batches = [row[row >= 0] for row in np.asarray(group["batch_index"][:])]
+    lrs = np.asarray(group["lr"][:])
+    momentum = float(group["momentum"][0])
+    decay = float(group["weight_decay"][0])
+    n = len(train)
+
+    def weighted_loss(flat, x, y, weights):
+        logits = functional_call(model, layout.unflatten(flat), (x,))
+        return (weights * per_sample_loss(logits, y)).sum()
+
+    def final_weights(eps):
+        w, v = initial, torch.zeros_like(initial)
+        for batch, lr in zip(batches, lrs, strict=True):
+            index = torch.from_numpy(batch)
+            b = index.numel()
+            weights = 1.0 / b + eps[index] * n / b
+            point = w.detach() if detach_gradients else w
+            g = grad(weighted_loss)(
+                point, train.inputs[index].double(), train.targets[index], weights
+            )
+            v = momentum * v + g + decay * w
+            w = w - float(lr) * v
+        return w
+
+    return jacfwd(final_weights)(torch.zeros(n, dtype=torch.float64))  # (P, N)
+
+
+def test_hypergradient_equals_autograd_through_unrolled_training(tmp_path):
+    store = tmp_path / "run.zarr"
+    train, model, initial, h, h_exact = record_small_run(store)
+    layout = ParameterLayout.from_model(model)
+    tracked = np.asarray(zarr.open_group(store)["sample"][:])
+
+    approx = unrolled_final_weights(model, layout, train, store, initial, True)[:, tracked].T
+    scale = approx.abs().max()
+    assert scale > 1e-3
+    assert (h - approx).abs().max() / scale < 1e-8
+
+    exact = unrolled_final_weights(model, layout, train, store, initial, False)[:, tracked].T
+    assert (h_exact - exact).abs().max() / exact.abs().max() < 1e-8
+    # How far the Hessian-free approximation is from the exact derivative on this run (the
+    # approximation is not exact; the paper bounds the difference): cosine similarity per sample.
+    cosine = torch.nn.functional.cosine_similarity(h, exact, dim=1)
+    relative = ((h - exact).norm(dim=1) / exact.norm(dim=1)).max()
+    assert 0.0 < relative < 1.0, f"approximation relative error {relative:.3f}"
+    assert cosine.min() > 0.5, f"cosines {cosine.tolist()}"
+
+
+def test_store_holds_the_recorded_hypergradients(tmp_path):
+    store = tmp_path / "run.zarr"
+    _, _, _, h, h_exact = record_small_run(store)
+    group = zarr.open_group(store, mode="r")
+    assert group.attrs["status"] == "complete"
+    np.testing.assert_allclose(group["hypergradient"][:], h.numpy().astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(
+        group["hypergradient_exact"][:], h_exact.numpy().astype(np.float32), rtol=1e-6
+    )
+
+
+def test_training_step_equals_backward_and_sgd_step(tmp_path):
+    train = small_digits(64)
+    model = build_model("mlp:hidden=8", input_shape=(1, 8, 8), n_classes=10, seed=1)
+    reference = build_model("mlp:hidden=8", input_shape=(1, 8, 8), n_classes=10, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    recorder = HydraRecorder(model, opt, tmp_path / "s.zarr", n_train=64)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        index = torch.randperm(64, generator=generator)[:16]
+        x, y = train.inputs[index], train.targets[index]
+        loss = recorder.step(x, y, index)
+        ref_opt.zero_grad()
+        ref_loss = per_sample_loss(reference(x), y).mean()
+        ref_loss.backward()
+        ref_opt.step()
+        assert loss == pytest.approx(float(ref_loss), rel=1e-6)
+    recorder.finish()
+    layout = ParameterLayout.from_model(model)
+    got, want = get_flat_parameters(model, layout), get_flat_parameters(reference, layout)
+    assert (got - want).abs().max() < 1e-6
+    assert (
+        want
+        - get_flat_parameters(
+            build_model("mlp:hidden=8", input_shape=(1, 8, 8), n_classes=10, seed=1), layout
+        )
+    ).abs().max() > 1e-2
+
+
+def test_recorder_reads_the_learning_rate_at_every_step(tmp_path):
+    train = small_digits(30)
+    model = build_model("logreg", input_shape=(1, 8, 8), n_classes=10, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    recorder = HydraRecorder(model, opt, tmp_path / "lr.zarr", n_train=30)
+    lrs = [0.5, 0.25, 0.1, 0.3]
+    for lr in lrs:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        recorder.step(train.inputs[:10], train.targets[:10], np.arange(10))
+    recorder.finish()
+    np.testing.assert_allclose(zarr.open_group(tmp_path / "lr.zarr")["lr"][:], lrs)
+
+
+def test_unsupported_optimizer_and_layers_are_refused_before_writing(tmp_path):
+    model = build_model("logreg", input_shape=(1, 8, 8), n_classes=10)
+    out = tmp_path / "never.zarr"
+    with pytest.raises(UnsupportedOptimizerError, match="SGD"):
+        HydraRecorder(model, torch.optim.Adam(model.parameters()), out, n_train=10)
+    nesterov = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    with pytest.raises(UnsupportedOptimizerError, match="Nesterov"):
+        HydraRecorder(model, nesterov, out, n_train=10)
+    partial = torch.optim.SGD(list(model.parameters())[:1], lr=0.1)
+    with pytest.raises(UnsupportedOptimizerError, match="exactly the model"):
+        HydraRecorder(model, partial, out, n_train=10)
+    bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.BatchNorm1d(10))
+    with pytest.raises(ModelError, match="BatchNorm"):
+        HydraRecorder(bn, torch.optim.SGD(bn.parameters(), lr=0.1), out, n_train=10)
+    assert not out.exists()
+
+
+def test_bad_batches_are_refused_with_named_errors(tmp_path):
+    model = build_model("logreg", input_shape=(1, 8, 8), n_classes=10)
+    recorder = HydraRecorder(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "b.zarr", n_train=10
+    )
+    x, y = torch.zeros(3, 1, 8, 8), torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(InvalidArgumentError, match=r"\[0, 10\)"):
+        recorder.step(x, y, [0, 1, 10])
+    with pytest.raises(InvalidArgumentError, match="one entry per sample"):
+        recorder.step(x, y, [0, 1])
+
+
+def test_exception_inside_the_recording_marks_the_store_failed(tmp_path):
+    model = build_model("logreg", input_shape=(1, 8, 8), n_classes=10)
+    path = tmp_path / "f.zarr"
+    recorder = HydraRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), path, n_train=10)
+    with pytest.raises(RuntimeError), recorder:
+        recorder.step(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.int64), [0, 1])
+        raise RuntimeError("boom")
+    attrs = zarr.open_group(path).attrs
+    assert attrs["status"] == "failed"
+    assert "boom" in attrs["failure"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_recording_matches_cpu(tmp_path):
+    from hydra_store.training import record_run
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        config = RecordConfig(
+            model="mlp:hidden=16",
+            epochs=2,
+            lr=0.1,
+            out=str(tmp_path / f"{device}.zarr"),
+            device=device,
+        )
+        record_run(config)
+        runs[device] = zarr.open_group(tmp_path / f"{device}.zarr")
+    h_cpu, h_gpu = runs["cpu"]["hypergradient"][:], runs["cuda"]["hypergradient"][:]
+    assert runs["cuda"].attrs["status"] == "complete"
+    assert np.abs(h_cpu - h_gpu).max() / np.abs(h_cpu).max() < 1e-3
+    np.testing.assert_array_equal(runs["cpu"]["batch_index"][:], runs["cuda"]["batch_index"][:])
