@@ -38,7 +38,14 @@ def user_errors() -> Iterator[None]:
 
 def progress_bar(total: int, description: str, unit: str = "it") -> tqdm:
     return tqdm(
-        total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False
+        total=total,
+        desc=description,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+        mininterval=0.5,
+        disable=None,  # only on a terminal: no carriage-return noise in logs
     )
 
 

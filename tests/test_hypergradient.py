@@ -135,3 +135,26 @@ def test_read_sgd_settings_refuses_what_hydra_does_not_model():
     groups = [{"params": w, "lr": 0.1}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.2}]
     with pytest.raises(UnsupportedOptimizerError, match="param groups"):
         read_sgd_settings(torch.optim.SGD(groups, lr=0.1))
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_rowwise_and_block_state_updates_agree(momentum):
+    n, p = 12, 40
+    rng = torch.Generator().manual_seed(0)
+    rows = torch.tensor([7, 2, 9])
+    transition = torch.randn(3, 2, 2, dtype=torch.float64, generator=rng)
+    injection = torch.randn(3, 2, dtype=torch.float64, generator=rng)
+    grads = torch.randn(3, p, dtype=torch.float64, generator=rng)
+    states = []
+    for method in ("_update_block", "_update_rowwise"):
+        state = InMemoryTrackedState(n, p, has_momentum=momentum != 0, dtype=torch.float64)
+        state.h.copy_(torch.arange(n * p, dtype=torch.float64).reshape(n, p) / 100)
+        if state.m is not None:
+            state.m.copy_(torch.ones(n, p, dtype=torch.float64))
+        getattr(state, method)(rows, transition, injection, grads)
+        getattr(state, method)(rows[:2], transition[:2])
+        states.append(state)
+    torch.testing.assert_close(states[0].h, states[1].h, rtol=1e-14, atol=0)
+    assert not torch.equal(states[0].h[7], torch.arange(7 * p, 8 * p, dtype=torch.float64) / 100)
+    if momentum:
+        torch.testing.assert_close(states[0].m, states[1].m, rtol=1e-14, atol=0)

@@ -3,6 +3,8 @@ trajectory replayed from it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -133,3 +135,13 @@ def test_trajectory_only_store_replays(tmp_path):
     ds = xr.open_zarr(out)
     assert "hypergradient" not in ds and ds.attrs["status"] == "complete"
     np.testing.assert_allclose(replay_training(out).numpy(), ds.weights.values[-1], atol=1e-6)
+
+
+def test_every_variable_and_attribute_is_documented(digits_store, noisy_digits_store):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "store-format.md").read_text()
+    for store in (digits_store, noisy_digits_store):
+        group = zarr.open_group(store, mode="r")
+        for name in dict(group.arrays()):
+            assert f"`{name}`" in doc, f"variable {name} is missing from docs/store-format.md"
+        for name in group.attrs:
+            assert f"`{name}`" in doc, f"attribute {name} is missing from docs/store-format.md"

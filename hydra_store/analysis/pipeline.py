@@ -23,12 +23,13 @@ from dask.callbacks import Callback
 
 from hydra_store.analysis.clustering import NoiseScores, noise_scores, sign_clusters
 from hydra_store.analysis.contributions import (
+    _as_dask,
     contributions,
     hypergradient_variables,
     total_contributions,
 )
 from hydra_store.analysis.influencers import extreme_samples, top_influencers
-from hydra_store.analysis.interclass import interclass
+from hydra_store.analysis.interclass import class_means, normalise, one_hot
 from hydra_store.errors import AnalysisError, InvalidArgumentError
 from hydra_store.scheduler import dask_scheduler
 from hydra_store.store import (
@@ -209,6 +210,64 @@ def _compute(client: object | None, report: Callable[[int, int], None], *values:
 # -- the run ------------------------------------------------------------------------------------
 
 
+def stream_contributions(
+    ds: xr.Dataset,
+    grads: xr.DataArray,
+    test_labels: np.ndarray,
+    target: zarr.Array,
+    *,
+    variable: str = "hypergradient",
+    client: object | None = None,
+    report: Callable[[int, int], None] | None = None,
+    n_classes: int | None = None,
+    batch_chunks: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Write C(i, j) into `target` and return (C(i), inter-class matrix), reading every
+    hypergradient chunk once.
+
+    The rows are processed in batches of a few hypergradient chunks, each batch one dask
+    computation of its three consumers (contributions, totals, class sums): computed as one graph
+    over all rows, dask's ordering finished one consumer before the others and so held every
+    hypergradient chunk in memory at once (measured: the whole array). The test gradients are
+    persisted first (in memory, or on the cluster's workers) so batches do not re-read them.
+    """
+    report = report or (lambda done, total: None)
+    hyper = ds[variable].data
+    labels = np.asarray(ds["label"].values, dtype=np.int64)
+    if n_classes is None:
+        n_classes = int(max(labels.max(initial=0), np.max(test_labels, initial=0)) + 1)
+    grads = grads.copy(data=grads.data.persist() if hasattr(grads.data, "persist") else grads.data)
+    c = contributions(ds, grads, variable=variable).data
+    total = total_contributions(ds, grads, variable=variable).data
+    gbar = class_means(_as_dask(grads), np.asarray(test_labels), n_classes)
+    hot = one_hot(labels, n_classes)
+    bounds = np.cumsum((0, *hyper.chunks[0]))
+    workers = 2
+    if client is not None:
+        workers = max(1, sum(client.nthreads().values()))
+    else:
+        workers = dask.config.get("num_workers", None) or os.cpu_count() or 2
+    step = batch_chunks or max(1, workers)
+    totals = np.empty(hyper.shape[0], dtype=np.float64)
+    sums = np.zeros((n_classes, hyper.shape[1]), dtype=np.float64)
+    n_batches = -(-(len(bounds) - 1) // step)
+    report(0, n_batches)
+    for b, first in enumerate(range(0, len(bounds) - 1, step)):
+        s, e = int(bounds[first]), int(bounds[min(first + step, len(bounds) - 1)])
+        stored = da.store(
+            c[s:e], target, regions=(slice(s, e), slice(None)), lock=False, compute=False
+        )
+        part = da.matmul(hot[s:e].T, hyper[s:e].astype(np.float64))
+        _, totals[s:e], part_sums = dask.compute(stored, total[s:e], part, optimize_graph=False)
+        sums += part_sums
+        report(b + 1, n_batches)
+    counts = hot.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hbar = sums / np.where(counts > 0, counts, np.nan)[:, None]
+    matrix = (hbar @ np.asarray(gbar.compute()).T) * (-1.0 / int(ds.attrs["n_train"]))
+    return totals, matrix
+
+
 def _check_store(path: Path) -> zarr.Group:
     group = open_group(path)
     require_complete(group, path)
@@ -359,27 +418,26 @@ def _run(
     for variable in variables:
         t0 = time.perf_counter()
         sfx = SUFFIX[variable]
-        contribution = contributions(ds, grads, variable=variable)
-        total = total_contributions(ds, grads, variable=variable)
-        classes = interclass(ds, grads, test_labels, variable=variable, class_names=class_names)
         target = _create(
             group,
             f"contribution{sfx}",
             dims=("sample", "test"),
-            shape=contribution.shape,
-            dtype=contribution.dtype,
-            chunks=tuple(c[0] for c in contribution.data.chunks),
+            shape=(n_sample, n_test),
+            dtype=np.result_type(ds[variable].dtype, grads.dtype),
+            chunks=(ds[variable].data.chunks[0][0], n_test),
             attrs={"long_name": f"C(i, j) from {variable}", "source": variable},
         )
-        stored = da.store(contribution.data, target, lock=False, compute=False)
-        _, total_values, matrix, normalised = _compute(
-            client,
-            reporter(f"contributions{sfx}"),
-            stored,
-            total.data,
-            classes["interclass"].data,
-            classes["interclass_normalised"].data,
+        total_values, matrix = stream_contributions(
+            ds,
+            grads,
+            test_labels,
+            target,
+            variable=variable,
+            client=client,
+            report=reporter(f"contributions{sfx}"),
+            n_classes=len(class_names),
         )
+        normalised = normalise(matrix)
         totals[variable] = np.asarray(total_values)
         matrices[variable] = np.asarray(normalised)
         _write(group, f"total_contribution{sfx}", total_values, ("sample",), source=variable)

@@ -21,7 +21,7 @@ def brute_force(store):
 
 
 def test_stored_contributions_equal_brute_force(analysed_store):
-    root, analysis, c, total = brute_force(analysed_store)
+    _, analysis, c, total = brute_force(analysed_store)
     stored = analysis["contribution"].values
     assert stored.shape == c.shape
     scale = np.abs(c).max()
