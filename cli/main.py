@@ -62,6 +62,12 @@ def record(
         0.0, help="Fraction of training labels reassigned at random to a wrong class."
     ),
     checkpoint_every: int = typer.Option(1, help="Epochs between stored weight checkpoints."),
+    hypergradient_history: bool = typer.Option(
+        False,
+        "--hypergradient-history",
+        help="Also store the hypergradients at every checkpoint (checkpoint x sample x param; "
+        "written in the background while training goes on).",
+    ),
     out: Path = typer.Option(Path("hydra-run.zarr"), help="Path of the Zarr store to write."),
     overwrite: bool = typer.Option(False, help="Replace an existing store at --out."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -108,6 +114,7 @@ def record(
             track=track,
             label_noise=label_noise,
             checkpoint_every=checkpoint_every,
+            hypergradient_history=hypergradient_history,
             out=str(out),
             overwrite=overwrite,
             device=device,
@@ -166,13 +173,10 @@ def info(store: Path = typer.Argument(..., help="Path of a hydra-store store."))
 
 def _register_optional() -> None:
     """Commands contributed by the analysis modules."""
-    import importlib
+    from cli import analyze, reverse
 
-    for name in ("cli.analyze", "cli.reverse"):
-        try:
-            importlib.import_module(name).register(app)
-        except ModuleNotFoundError:  # TEMPORARY until the modules land
-            pass
+    analyze.register(app)
+    reverse.register(app)
 
 
 _register_optional()

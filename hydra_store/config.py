@@ -36,6 +36,7 @@ class RecordConfig:
     track: str = "all"
     label_noise: float = 0.0
     checkpoint_every: int = 1
+    hypergradient_history: bool = False
     out: str = "hydra-run.zarr"
     overwrite: bool = False
     device: str = "cpu"
@@ -79,6 +80,8 @@ class RecordConfig:
             bad("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0 <= self.validation_fraction < 0.5:
             bad("validation-fraction", f"must be in [0, 0.5), got {self.validation_fraction}")
+        if self.hypergradient_history and self.mode == "trajectory":
+            bad("hypergradient-history", "a trajectory-only recording has no hypergradients")
         if self.seed < 0:
             bad("seed", f"must be >= 0, got {self.seed}")
         self.schedule_spec().validate()

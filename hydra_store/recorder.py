@@ -159,6 +159,8 @@ class HydraRecorder:
         config: the run's configuration, stored as the `config` attribute.
         attrs: further root attributes (e.g. data-set fingerprints).
         state_dtype: dtype of the tracked state (default: the model's).
+        hypergradient_history: also store h at every checkpoint as `hypergradient_history`
+            (checkpoint, sample, param); written in the background while training goes on.
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class HydraRecorder:
         config: Mapping[str, Any] | None = None,
         attrs: Mapping[str, Any] | None = None,
         state_dtype: torch.dtype | None = None,
+        hypergradient_history: bool = False,
         overwrite: bool = False,
     ) -> None:
         if mode not in MODES:
@@ -193,6 +196,9 @@ class HydraRecorder:
         self.selection = TrackedSelection(n_train, tracked_index)
         self.n_train = n_train
         self.checkpoint_every = checkpoint_every
+        if hypergradient_history and mode == "trajectory":
+            raise InvalidArgumentError("a trajectory-only recording has no hypergradient history")
+        self.hypergradient_history = hypergradient_history
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         state_dtype = state_dtype or self.dtype
@@ -401,6 +407,25 @@ class HydraRecorder:
         self.store.append("checkpoint_step", np.array([self.step_count]))
         self.store.append("checkpoint_epoch", np.array([epoch]))
         self._last_checkpoint_step = self.step_count
+        if self.hypergradient_history:
+            for name, tracker in self._trackers():
+                self.store.append_rows(
+                    f"{name}_history",
+                    self.selection.n_rows,
+                    self.layout.n_params,
+                    lambda a, b, tr=tracker: tr.hypergradient_rows(a, b).detach().cpu().numpy(),
+                    attrs={"long_name": "dw_t/d eps_i at each checkpoint"},
+                )
+
+    def _trackers(self):
+        return [
+            (name, tracker)
+            for name, tracker in (
+                ("hypergradient", self.approximate),
+                ("hypergradient_exact", self.exact),
+            )
+            if tracker is not None
+        ]
 
     def checkpoint(self) -> None:
         """Flush the trajectory and store the current weights and momentum as a checkpoint."""

@@ -112,6 +112,7 @@ class RecordingStore:
             {"hydra_store_format": FORMAT_VERSION, "status": STATUS_RECORDING, "created": now_iso()}
         )
         self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     # -- arrays -------------------------------------------------------------------------------
     def create_array(
@@ -174,7 +175,7 @@ class RecordingStore:
         attrs: Mapping[str, Any] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        """Stream a (rows, param) float32 array in whole row-chunks.
+        """Stream a (rows, param) float32 array in whole row-chunks and wait for it.
 
         `read_block(start, stop)` produces the rows (on the caller's thread); the zarr encode
         and write of one block runs on a background thread while the next block is produced,
@@ -184,19 +185,57 @@ class RecordingStore:
         array = self.create_array(
             name, dims=dims, shape=(n_rows, n_params), dtype=np.float32, chunks=chunks, attrs=attrs
         )
+        self._stream(array, (), n_rows, chunks[0], read_block, progress, copy=False)
+        self.wait()
+
+    def append_rows(
+        self,
+        name: str,
+        n_rows: int,
+        n_params: int,
+        read_block: Callable[[int, int], np.ndarray],
+        *,
+        dims: tuple[str, str, str] = ("checkpoint", "sample", "param"),
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append one (rows, param) slab to a (checkpoint, rows, param) array, in the background.
+
+        Blocks are copied before they are queued, so the caller may go on changing the rows
+        it read (training continues while the slab is written); `wait()` joins the writes.
+        """
+        if name not in self.group:
+            chunks = matrix_chunks(n_rows, n_params)
+            self.create_array(
+                name,
+                dims=dims,
+                shape=(0, n_rows, n_params),
+                dtype=np.float32,
+                chunks=(1, *chunks),
+                attrs=attrs,
+            )
+        array = self.group[name]
+        self.wait()
+        index = array.shape[0]
+        array.resize((index + 1, n_rows, n_params))
+        self._stream(array, (index,), n_rows, array.chunks[1], read_block, None, copy=True)
+
+    def _stream(self, array, prefix, n_rows, row_chunk, read_block, progress, *, copy) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydra-write")
-        pending: list[Future] = []
-        for start in range(0, n_rows, chunks[0]):
-            stop = min(n_rows, start + chunks[0])
-            block = np.ascontiguousarray(read_block(start, stop), dtype=np.float32)
-            if len(pending) >= 2:
-                pending.pop(0).result()
-            pending.append(self._executor.submit(array.__setitem__, slice(start, stop), block))
+        for start in range(0, n_rows, row_chunk):
+            stop = min(n_rows, start + row_chunk)
+            block = np.array(read_block(start, stop), dtype=np.float32, copy=copy, order="C")
+            while len(self._pending) >= 2:
+                self._pending.pop(0).result()
+            key = (*prefix, slice(start, stop))
+            self._pending.append(self._executor.submit(array.__setitem__, key, block))
             if progress is not None:
                 progress(stop, n_rows)
-        for future in pending:
-            future.result()
+
+    def wait(self) -> None:
+        """Block until every queued background write has landed (re-raising its error)."""
+        while self._pending:
+            self._pending.pop(0).result()
 
     # -- attributes and status --------------------------------------------------------------
     def update_attrs(self, attrs: Mapping[str, Any]) -> None:
@@ -207,6 +246,7 @@ class RecordingStore:
         consolidate(self.path)
 
     def close(self) -> None:
+        self.wait()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

@@ -219,6 +219,7 @@ def record_run(
         clean_labels=run.clean_labels,
         mode=config.mode,
         checkpoint_every=config.checkpoint_every,
+        hypergradient_history=config.hypergradient_history,
         config=config.to_attrs(),
         attrs={"dataset": dataset_attrs(bundle, run.train_labels)},
         overwrite=config.overwrite,

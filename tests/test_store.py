@@ -145,3 +145,20 @@ def test_every_variable_and_attribute_is_documented(digits_store, noisy_digits_s
             assert f"`{name}`" in doc, f"variable {name} is missing from docs/store-format.md"
         for name in group.attrs:
             assert f"`{name}`" in doc, f"attribute {name} is missing from docs/store-format.md"
+
+
+def test_hypergradient_history_matches_shorter_runs(tmp_path):
+    from hydra_store.training import record_run
+
+    long = tmp_path / "long.zarr"
+    record_run(tiny_config(long, epochs=3, hypergradient_history=True, track="200"))
+    history = xr.open_zarr(long).hypergradient_history
+    assert history.dims == ("checkpoint", "sample", "param")
+    assert history.sizes["checkpoint"] == 4
+    np.testing.assert_array_equal(history.values[0], 0)
+    np.testing.assert_array_equal(history.values[-1], xr.open_zarr(long).hypergradient.values)
+    short = tmp_path / "short.zarr"
+    record_run(tiny_config(short, epochs=2, track="200"))
+    want = xr.open_zarr(short).hypergradient.values
+    np.testing.assert_allclose(history.values[2], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert np.abs(history.values[2] - history.values[3]).max() > 1e-3
