@@ -63,7 +63,9 @@ def run_numpy(path: Path) -> dict:
     h, g = group["hypergradient"][...], group["test_gradient"][...]
     n = group.attrs["n_train"]
     c = -(h @ g.T) / n
-    total = -(h @ g.mean(axis=0, dtype=np.float64)) / n
+    # float32 throughout, as a numpy user would write it (a float64 mean vector would make
+    # numpy copy the whole hypergradient to float64)
+    total = -(h @ g.mean(axis=0, dtype=np.float64).astype(np.float32)) / n
     labels, test_labels = group["label"][...], group["test_label"][...]
     hot, thot = np.eye(10)[labels], np.eye(10)[test_labels]
     inter = (hot.T @ c @ thot) / np.outer(hot.sum(0), thot.sum(0))

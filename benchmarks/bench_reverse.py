@@ -59,7 +59,7 @@ def phase_reverse(out: Path) -> dict:
 
 def phase_idle() -> dict:
     """Baseline memory of a process that imported everything and loaded the store's data."""
-    import hydra_store.reverse  # noqa: F401
+    import hydra_store.reverse
     import hydra_store.training  # noqa: F401
 
     return {"peak_mb": _peak_mb()}
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--track", type=int, default=100)
     parser.add_argument("--validate", type=int, default=50)
     parser.add_argument("--selection", default="random")
+    parser.add_argument("--every", type=int, default=4, help="compare every k-th checkpoint")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args()
     root = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-reverse-"))
@@ -107,7 +108,9 @@ def main() -> None:
             f"{name:<52} {r['seconds']:>8.2f} {r['seconds'] / plain['seconds']:>8.1f} "
             f"{r['peak_mb']:>12.0f}"
         )
-    print(f"{'(a process that only imported the library)':<52} {'':>8} {'':>8} {idle['peak_mb']:>12.0f}")
+    print(
+        f"{'(a process that only imported the library)':<52} {'':>8} {'':>8} {idle['peak_mb']:>12.0f}"
+    )
     print(
         f"per-sample cost: forward exact {forward['seconds'] / args.track * 1e3:.1f} ms/sample, "
         f"reverse {reverse['seconds'] / n * 1e3:.2f} ms/sample"
@@ -117,7 +120,9 @@ def main() -> None:
     from hydra_store.validation import run_validation
 
     tick = time.perf_counter()
-    comparison = run_comparison(trajectory_store, "test", png=root / "compare.png")
+    comparison = run_comparison(
+        trajectory_store, "test", every=args.every, png=root / "compare.png"
+    )
     print(f"\ncompare ({time.perf_counter() - tick:.1f} s):")
     for line in comparison.lines():
         print(line)

@@ -45,7 +45,7 @@ def dask_scheduler(
         return
     address = spec if "://" in spec else f"tcp://{spec}"
     try:
-        client = Client(address, timeout="10s")
+        client = Client(address, timeout="5s")
     except (OSError, TimeoutError) as error:
         raise SchedulerError(
             f"no dask scheduler answered at {address}: {error}. Start one with "

@@ -25,7 +25,7 @@ from hydra_store.errors import InvalidArgumentError
 from hydra_store.hypergradient import SGDSettings, per_sample_loss
 from hydra_store.parameters import get_flat_parameters, set_flat_parameters
 from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
-from hydra_store.reverse import write_group_atomically
+from hydra_store.reverse import flush_denormals, write_group_atomically
 from hydra_store.store import open_group, require_complete
 from hydra_store.testsets import group_name, resolve_test_set
 
@@ -118,7 +118,10 @@ def retrained_test_loss(path: str, test_set: str, weights: dict[int, float]) -> 
     sample_weights = np.ones(trajectory.n_train)
     for i, w in weights.items():
         sample_weights[i] = w
-    retrain_weighted(trajectory, model, train, sample_weights, batches=batches, settings=settings)
+    with flush_denormals():
+        retrain_weighted(
+            trajectory, model, train, sample_weights, batches=batches, settings=settings
+        )
     return test_loss(model, tests.inputs, tests.targets)
 
 

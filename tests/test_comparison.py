@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from cli.reverse import register
 from hydra_store.comparison import pearson, run_comparison, sign_error_rate, spearman
-from tests.test_reverse import float64_run  # noqa: F401 (fixture)
+from tests import test_reverse
+
+float64_run = test_reverse.float64_run  # the float64 store, shared fixture
 
 
 def make_app() -> typer.Typer:

@@ -83,7 +83,7 @@ def record_float64(out: Path, mode: str = "both", tracked: np.ndarray | None = N
     generator = torch.Generator().manual_seed(0)
     inputs, targets = bundle.train.inputs, bundle.train.targets
     with recorder:
-        for epoch in range(EPOCHS):
+        for _epoch in range(EPOCHS):
             order = torch.randperm(N_TRAIN, generator=generator)
             for start in range(0, N_TRAIN, BATCH):
                 index = order[start : start + BATCH]

@@ -13,7 +13,10 @@ from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
 from hydra_store.reverse import adjoint_contributions
 from hydra_store.testsets import resolve_test_set
 from hydra_store.validation import choose_samples, retrain_weighted, run_validation, test_loss
-from tests.test_reverse import N_TRAIN, float64_run, test_direction  # noqa: F401 (fixture)
+from tests import test_reverse
+from tests.test_reverse import N_TRAIN, test_direction
+
+float64_run = test_reverse.float64_run  # the float64 store, shared fixture
 
 
 def test_unweighted_retraining_reproduces_the_stored_weights(float64_run):

@@ -24,9 +24,7 @@ from dask.callbacks import Callback
 from hydra_store.analysis.clustering import NoiseScores, noise_scores, sign_clusters
 from hydra_store.analysis.contributions import (
     _as_dask,
-    contributions,
     hypergradient_variables,
-    total_contributions,
 )
 from hydra_store.analysis.influencers import extreme_samples, top_influencers
 from hydra_store.analysis.interclass import class_means, normalise, one_hot
@@ -236,10 +234,16 @@ def stream_contributions(
     labels = np.asarray(ds["label"].values, dtype=np.int64)
     if n_classes is None:
         n_classes = int(max(labels.max(initial=0), np.max(test_labels, initial=0)) + 1)
-    grads = grads.copy(data=grads.data.persist() if hasattr(grads.data, "persist") else grads.data)
-    c = contributions(ds, grads, variable=variable).data
-    total = total_contributions(ds, grads, variable=variable).data
-    gbar = class_means(_as_dask(grads), np.asarray(test_labels), n_classes)
+    # Everything derived from the test gradients is prepared once, not once per batch: the
+    # scaled, transposed, param-aligned matrix (P, test) for C(i, j), and the mean gradient for
+    # C(i). Persisted, they live in memory (threads) or on the workers (distributed).
+    scale = -1.0 / int(ds.attrs["n_train"])
+    g = _as_dask(grads)
+    prepared = (g * np.asarray(scale, dtype=hyper.dtype)).astype(hyper.dtype).T
+    prepared = prepared.rechunk((hyper.chunks[1], -1))
+    gbar64 = g.mean(axis=0, dtype=np.float64).rechunk((hyper.chunks[1],))
+    prepared, gbar64 = dask.persist(prepared, gbar64, optimize_graph=False)
+    gbar = class_means(g, np.asarray(test_labels), n_classes)
     hot = one_hot(labels, n_classes)
     bounds = np.cumsum((0, *hyper.chunks[0]))
     workers = 2
@@ -254,11 +258,17 @@ def stream_contributions(
     report(0, n_batches)
     for b, first in enumerate(range(0, len(bounds) - 1, step)):
         s, e = int(bounds[first]), int(bounds[min(first + step, len(bounds) - 1)])
+        block = hyper[s:e]
         stored = da.store(
-            c[s:e], target, regions=(slice(s, e), slice(None)), lock=False, compute=False
+            da.matmul(block, prepared),
+            target,
+            regions=(slice(s, e), slice(None)),
+            lock=False,
+            compute=False,
         )
-        part = da.matmul(hot[s:e].T, hyper[s:e].astype(np.float64))
-        _, totals[s:e], part_sums = dask.compute(stored, total[s:e], part, optimize_graph=False)
+        total = da.matmul(block, gbar64) * scale
+        part = da.matmul(hot[s:e].T, block.astype(np.float64))
+        _, totals[s:e], part_sums = dask.compute(stored, total, part, optimize_graph=False)
         sums += part_sums
         report(b + 1, n_batches)
     counts = hot.sum(axis=0)

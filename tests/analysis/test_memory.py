@@ -42,7 +42,7 @@ def test_analysis_larger_than_memory_limit(tmp_path):
     path = tmp_path / "big.zarr"
     g = make_store(path)
     ds = xr.open_zarr(str(path))
-    assert ds["hypergradient"].nbytes >= 4 * LIMIT
+    assert ds["hypergradient"].nbytes > 3 * LIMIT
     grads = xr.DataArray(g, dims=("test", "param"))
     test_labels = np.arange(N_TEST) % 10
     target = zarr.open_group(tmp_path / "out.zarr", mode="w").create_array(
