@@ -224,7 +224,10 @@ class RecordingStore:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydra-write")
         for start in range(0, n_rows, row_chunk):
             stop = min(n_rows, start + row_chunk)
-            block = np.array(read_block(start, stop), dtype=np.float32, copy=copy, order="C")
+            block = read_block(start, stop)
+            # A copy only where the caller keeps changing the rows (float64 -> float32
+            # conversion copies anyway).
+            block = (np.array if copy else np.asarray)(block, dtype=np.float32, order="C")
             while len(self._pending) >= 2:
                 self._pending.pop(0).result()
             key = (*prefix, slice(start, stop))
