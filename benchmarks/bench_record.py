@@ -126,7 +126,9 @@ def scaling(sizes: list[int], n_params: int, batch_size: int, steps: int) -> Non
         dense_state = InMemoryTrackedState(n, n_params, has_momentum=True)
         dense_times = []
         for k in range(max(3, steps // 4)):
-            index = torch.from_numpy(order[(k * batch_size) % max(1, n - batch_size) :][:batch_size])
+            index = torch.from_numpy(
+                order[(k * batch_size) % max(1, n - batch_size) :][:batch_size]
+            )
             tick = time.perf_counter()
             dense_step(dense_state, index, grads, settings, n / batch_size)
             dense_times.append(time.perf_counter() - tick)
@@ -134,6 +136,38 @@ def scaling(sizes: list[int], n_params: int, batch_size: int, steps: int) -> Non
         lazy_ms = 1e3 * statistics.median(lazy_times[2:])
         dense_ms = 1e3 * statistics.median(dense_times[1:])
         print(f"  {n:>8,} {lazy_ms:>9.2f} {dense_ms:>9.2f} {dense_ms / lazy_ms:>9.1f}x")
+
+
+def update_kernels(n_params: int, rows: int, repeats: int = 20) -> None:
+    """The three implementations of the batch-row update of the in-memory state, side by side."""
+    print(
+        f"\n== one batch-row update, {rows} rows, P = {n_params:,}, momentum (median of {repeats}) =="
+    )
+    state = InMemoryTrackedState(2_000, n_params, has_momentum=True)
+    state.h.normal_()
+    state.m.normal_()
+    index = torch.randperm(2_000)[:rows]
+    transition = torch.randn(rows, 2, 2, dtype=torch.float64)
+    injection = torch.randn(rows, 2, dtype=torch.float64)
+    grads = torch.randn(rows, n_params)
+    timings = {}
+    for name in ("_update_fused", "_update_rowwise", "_update_block"):
+        update = getattr(state, name)
+        update(index, transition, injection, grads)  # warm-up (and numba compilation)
+        values = []
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            update(index, transition, injection, grads)
+            values.append(time.perf_counter() - tick)
+        timings[name] = 1e3 * statistics.median(values)
+    fused = timings["_update_fused"]
+    labels = {
+        "_update_fused": "fused numba kernel (CPU default)",
+        "_update_rowwise": "torch, in place per row view",
+        "_update_block": "torch, index_select/index_copy_",
+    }
+    for name, ms in timings.items():
+        print(f"  {labels[name]:<34} {ms:7.2f} ms  ({ms / fused:.1f}x fused)")
 
 
 def main() -> None:
@@ -144,9 +178,11 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.quick:
+        update_kernels(61_706, 64, 5)
         throughput("digits", "mlp", 64, 3)
         scaling([1_000, 5_000], 4_970, 64, 10)
         return
+    update_kernels(61_706, 64)
     throughput("digits", "mlp", 64, args.repeats)
     throughput("synthetic:n=5000,size=28,test=100", "lenet5", 64, args.repeats)
     # An MLP on 12x12 synthetic images has 4,970 parameters: 50,000 tracked rows of h and m
