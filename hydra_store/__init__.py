@@ -1,33 +1,50 @@
 """hydra-store: HyDRA hypergradient data relevance analysis, recorded into Zarr stores.
 
-The public Python API:
+The public Python API (imported on first use, so that `import hydra_store.analysis` on a dask
+worker does not load torch):
 
 - record: `HydraRecorder` (around your own training loop), `RecordConfig` + `record_run`
   (the built-in run behind `hydra-store record`);
 - read: `open_dataset` (a store as a lazy xarray Dataset), `model_at_checkpoint`,
-  `load_run_data`, `replay_training`, `Trajectory`.
+  `load_run_data`, `replay_training`, `Trajectory`;
+- analyse: `contributions`, `total_contributions`, `interclass`, `top_influencers`,
+  `sign_clusters`, `analyze`, `suspects`, `open_analysis` (hydra_store.analysis), and
+  `run_exact_analysis` (reverse mode, hydra_store.reverse).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from hydra_store.config import RecordConfig
-from hydra_store.errors import HydraStoreError
-from hydra_store.recorder import HydraRecorder
-from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint, replay_training
-from hydra_store.store import open_dataset
-from hydra_store.training import record_run
+_EXPORTS = {
+    "HydraRecorder": "hydra_store.recorder",
+    "HydraStoreError": "hydra_store.errors",
+    "RecordConfig": "hydra_store.config",
+    "record_run": "hydra_store.training",
+    "open_dataset": "hydra_store.store",
+    "Trajectory": "hydra_store.replay",
+    "load_run_data": "hydra_store.replay",
+    "model_at_checkpoint": "hydra_store.replay",
+    "replay_training": "hydra_store.replay",
+    "contributions": "hydra_store.analysis",
+    "total_contributions": "hydra_store.analysis",
+    "interclass": "hydra_store.analysis",
+    "top_influencers": "hydra_store.analysis",
+    "sign_clusters": "hydra_store.analysis",
+    "analyze": "hydra_store.analysis",
+    "suspects": "hydra_store.analysis",
+    "open_analysis": "hydra_store.analysis",
+    "run_exact_analysis": "hydra_store.reverse",
+}
 
-__all__ = [
-    "HydraRecorder",
-    "HydraStoreError",
-    "RecordConfig",
-    "Trajectory",
-    "__version__",
-    "load_run_data",
-    "model_at_checkpoint",
-    "open_dataset",
-    "record_run",
-    "replay_training",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hydra_store' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
