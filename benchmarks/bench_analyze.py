@@ -119,7 +119,10 @@ def measure(args, kind: str, scheduler="threads", memory_limit=None) -> dict:
         "--scheduler",
         scheduler,
     ] + (["--memory-limit", memory_limit] if memory_limit else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} ({scheduler}) failed:\n{done.stderr[-3000:]}")
+    out = done.stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -181,7 +184,7 @@ def main() -> None:
     h_bytes = args.samples * args.params * 4
     if not args.skip_build:
         build(Path(args.store), args.samples, args.params, args.tests)
-    limit = args.memory_limit or f"{max(h_bytes // 4, 600 * 2**20) // 2**20}MiB"
+    limit = args.memory_limit or f"{max(h_bytes // 4, 1200 * 2**20) // 2**20}MiB"
     gib = 2**30
     rows = [
         ("numpy in memory", measure(args, "numpy")),

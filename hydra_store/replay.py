@@ -13,14 +13,14 @@ import torch
 import zarr
 
 from hydra_store.config import RecordConfig
-from hydra_store.data import DatasetBundle, Split, fingerprint, load_dataset
+from hydra_store.data import DatasetBundle, Split, fingerprint
 from hydra_store.errors import InvalidArgumentError, ReplayMismatchError, StoreFormatError
 from hydra_store.hypergradient import PerSampleGradients, SGDSettings
 from hydra_store.models import build_model
 from hydra_store.parameters import ParameterLayout, get_flat_parameters, set_flat_parameters
 from hydra_store.recorder import sgd_step, step_gradients
 from hydra_store.store import open_group
-from hydra_store.training import apply_label_noise
+from hydra_store.training import load_training_data
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,7 @@ def load_run_data(path: str | Path) -> RunData:
     """Rebuild the training and test data of a recorded run and check them against the store."""
     group = open_group(path)
     config = recorded_config(group)
-    bundle = load_dataset(
-        config.dataset,
-        data_root=config.data_root,
-        seed=config.seed,
-        validation_fraction=config.validation_fraction,
-    )
-    clean = bundle.train.targets.numpy().astype(np.int64)
-    noisy, _ = apply_label_noise(clean, len(bundle.class_names), config.label_noise, config.seed)
+    bundle, noisy, _ = load_training_data(config)
     train = Split(bundle.train.inputs, torch.from_numpy(noisy), bundle.train.source_index)
     recorded = (group.attrs.get("dataset") or {}).get("train_fingerprint")
     if recorded is not None and fingerprint(train) != recorded:

@@ -62,6 +62,19 @@ _BUILD_LOCK = threading.Lock()
 _FORWARD_AD_LOCK = threading.Lock()
 
 
+def resolve_checkpoint(n_checkpoints: int, checkpoint: int | None) -> int:
+    """A checkpoint index (negative counts from the end; None is the last), checked."""
+    end = n_checkpoints - 1 if checkpoint is None else int(checkpoint)
+    if end < 0:
+        end += n_checkpoints
+    if not 0 <= end < n_checkpoints:
+        raise InvalidArgumentError(
+            f"checkpoint {checkpoint} does not exist; the store has checkpoints "
+            f"0..{n_checkpoints - 1}"
+        )
+    return end
+
+
 @dataclass(frozen=True)
 class AdjointResult:
     """Contributions C = -(1/N) s for K directions and all N training samples: (K, N) each."""
@@ -159,15 +172,7 @@ def adjoint_contributions(
     dtype is the dtype of the whole computation). Raises ReplayMismatchError when a segment's
     replay does not reproduce its stored end checkpoint (with `check`).
     """
-    n_checkpoints = len(trajectory.checkpoint_step)
-    end = n_checkpoints - 1 if checkpoint is None else int(checkpoint)
-    if end < 0:
-        end += n_checkpoints
-    if not 0 <= end < n_checkpoints:
-        raise InvalidArgumentError(
-            f"checkpoint {checkpoint} does not exist; the store has checkpoints "
-            f"0..{n_checkpoints - 1}"
-        )
+    end = resolve_checkpoint(len(trajectory.checkpoint_step), checkpoint)
     layout = trajectory.layout
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
@@ -452,14 +457,7 @@ def run_exact_analysis(
     group = open_group(path)
     require_complete(group, path)
     trajectory = Trajectory(path)
-    n_checkpoints = len(trajectory.checkpoint_step)
-    end = n_checkpoints - 1 if checkpoint is None else int(checkpoint)
-    if end < 0:
-        end += n_checkpoints
-    if not 0 <= end < n_checkpoints:
-        raise InvalidArgumentError(
-            f"--checkpoint {checkpoint}: the store has checkpoints 0..{n_checkpoints - 1}"
-        )
+    end = resolve_checkpoint(len(trajectory.checkpoint_step), checkpoint)
     data = load_run_data(path)
     tests = resolve_test_set(path, test_set, run=data)
     model = model_at_checkpoint(path, end)

@@ -143,10 +143,8 @@ class PreparedRun:
     device: torch.device
 
 
-def prepare_run(config: RecordConfig) -> PreparedRun:
-    """Validate the configuration and build data and model (nothing is written)."""
-    config.validate()
-    device = resolve_device(config.device)
+def load_training_data(config: RecordConfig) -> tuple[DatasetBundle, np.ndarray, np.ndarray]:
+    """The data set of a run: (bundle, labels used in training, clean labels)."""
     bundle = load_dataset(
         config.dataset,
         data_root=config.data_root,
@@ -155,6 +153,14 @@ def prepare_run(config: RecordConfig) -> PreparedRun:
     )
     clean = bundle.train.targets.numpy().astype(np.int64)
     noisy, _ = apply_label_noise(clean, len(bundle.class_names), config.label_noise, config.seed)
+    return bundle, noisy, clean
+
+
+def prepare_run(config: RecordConfig) -> PreparedRun:
+    """Validate the configuration and build data and model (nothing is written)."""
+    config.validate()
+    device = resolve_device(config.device)
+    bundle, noisy, clean = load_training_data(config)
     model = build_model(
         config.model,
         input_shape=bundle.input_shape,
