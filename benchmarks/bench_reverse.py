@@ -81,6 +81,30 @@ def in_child(fn, *a):
         return pool.apply(fn, a)
 
 
+def memory_study(root: Path, sizes: list[int]) -> None:
+    """Peak memory of the reverse sweep as N grows (same model, same number of steps)."""
+    from types import SimpleNamespace
+
+    print("\n== reverse-mode peak memory vs N (synthetic 12x12, mlp, 640 steps) ==")
+    print(f"  {'N':>7} {'plain training MB':>18} {'reverse MB':>11} {'reverse s':>10}")
+    for n in sizes:
+        args = SimpleNamespace(
+            dataset=f"synthetic:n={n},size=12,test=200",
+            model="mlp",
+            epochs=max(1, 640 * 64 // n),
+            batch_size=64,
+            lr=0.05,
+            lr_step_epochs=1000,
+        )
+        store = root / f"memory-{n}.zarr"
+        plain = in_child(phase_record, args, store, "trajectory", "all")
+        reverse = in_child(phase_reverse, store)
+        print(
+            f"  {n:>7,} {plain['peak_mb']:>18.0f} {reverse['peak_mb']:>11.0f} "
+            f"{reverse['seconds']:>10.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="digits")
@@ -94,6 +118,9 @@ def main() -> None:
     parser.add_argument("--selection", default="random")
     parser.add_argument("--every", type=int, default=4, help="compare every k-th checkpoint")
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument(
+        "--memory-sizes", default="5000,40000", help="N values of the memory study ('' to skip)"
+    )
     args = parser.parse_args()
     root = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-reverse-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -132,6 +159,9 @@ def main() -> None:
         f"per-sample cost: forward exact {forward['seconds'] / args.track * 1e3:.1f} ms/sample, "
         f"reverse {reverse['seconds'] / n * 1e3:.2f} ms/sample"
     )
+
+    if args.memory_sizes:
+        memory_study(root, [int(x) for x in args.memory_sizes.split(",")])
 
     from hydra_store.comparison import run_comparison
     from hydra_store.validation import run_validation
