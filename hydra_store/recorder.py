@@ -16,6 +16,7 @@ step, so any scheduler works.
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,8 @@ class HydraRecorder:
         state_dtype: dtype of the tracked state (default: the model's).
         hypergradient_history: also store h at every checkpoint as `hypergradient_history`
             (checkpoint, sample, param); written in the background while training goes on.
+        flush_seconds: at most this long between writes of the buffered trajectory and
+            checkpoints to the store (a crash loses at most that much of the record).
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class HydraRecorder:
         attrs: Mapping[str, Any] | None = None,
         state_dtype: torch.dtype | None = None,
         hypergradient_history: bool = False,
+        flush_seconds: float = 5.0,
         overwrite: bool = False,
     ) -> None:
         if mode not in MODES:
@@ -238,8 +242,10 @@ class HydraRecorder:
         self._epoch_samples = 0
         self.epochs: list[EpochRecord] = []
         self._label_seen = labels is None
+        self._pending_blocks: dict[str, list] = {k: [] for k in self._BLOCK_VARIABLES}
+        self.flush_seconds = flush_seconds
         self._checkpoint(epoch=0)
-        consolidate(self.path)
+        self._flush()
 
     _STEP_VARIABLES = ("batch_index", "lr", "momentum", "weight_decay", "step_epoch", "batch_loss")
 
@@ -385,27 +391,50 @@ class HydraRecorder:
         p["step_epoch"].append(self.epoch)
         p["batch_loss"].append(loss)
 
-    def _flush_steps(self) -> None:
+    def _flush(self) -> None:
+        """Append everything buffered since the last flush, one block per array."""
         p = self._pending
-        if not p["lr"]:
-            return
-        width = max(b.size for b in p["batch_index"])
-        block = np.full((len(p["batch_index"]), width), -1, dtype=np.int64)
-        for k, b in enumerate(p["batch_index"]):
-            block[k, : b.size] = b
-        self.store.append("batch_index", block)
-        for name in ("lr", "momentum", "weight_decay", "batch_loss"):
-            self.store.append(name, np.asarray(p[name], dtype=np.float64))
-        self.store.append("step_epoch", np.asarray(p["step_epoch"], dtype=np.int64))
+        if p["lr"]:
+            width = max(b.size for b in p["batch_index"])
+            block = np.full((len(p["batch_index"]), width), -1, dtype=np.int64)
+            for k, b in enumerate(p["batch_index"]):
+                block[k, : b.size] = b
+            self.store.append("batch_index", block)
+            for name in ("lr", "momentum", "weight_decay", "batch_loss"):
+                self.store.append(name, np.asarray(p[name], dtype=np.float64))
+            self.store.append("step_epoch", np.asarray(p["step_epoch"], dtype=np.int64))
+        for name, rows in self._pending_blocks.items():
+            if rows:
+                self.store.append(name, np.stack([np.asarray(r) for r in rows]))
         self._pending = {k: [] for k in self._STEP_VARIABLES}
+        self._pending_blocks = {k: [] for k in self._BLOCK_VARIABLES}
+        self.store.update_attrs({"recorded_step": int(self.store.group["lr"].shape[0])})
+        consolidate(self.path)
+        self._last_flush = time.monotonic()
+
+    _BLOCK_VARIABLES = (
+        "weights",
+        "velocity",
+        "checkpoint_step",
+        "checkpoint_epoch",
+        "train_loss",
+        "test_loss",
+        "test_accuracy",
+    )
 
     def _checkpoint(self, epoch: int) -> None:
-        weights = get_flat_parameters(self.model, self.layout).cpu().numpy()
-        velocity = velocity_of(self.optimizer, self.model, self.layout).cpu().numpy()
-        self.store.append("weights", weights[None].astype(self._weights_dtype))
-        self.store.append("velocity", velocity[None].astype(self._weights_dtype))
-        self.store.append("checkpoint_step", np.array([self.step_count]))
-        self.store.append("checkpoint_epoch", np.array([epoch]))
+        b = self._pending_blocks
+        b["weights"].append(
+            get_flat_parameters(self.model, self.layout).cpu().numpy().astype(self._weights_dtype)
+        )
+        b["velocity"].append(
+            velocity_of(self.optimizer, self.model, self.layout)
+            .cpu()
+            .numpy()
+            .astype(self._weights_dtype)
+        )
+        b["checkpoint_step"].append(np.int64(self.step_count))
+        b["checkpoint_epoch"].append(np.int64(epoch))
         self._last_checkpoint_step = self.step_count
         if self.hypergradient_history:
             for name, tracker in self._trackers():
@@ -428,11 +457,15 @@ class HydraRecorder:
         ]
 
     def checkpoint(self) -> None:
-        """Flush the trajectory and store the current weights and momentum as a checkpoint."""
-        self._flush_steps()
+        """Take a checkpoint of the weights and momentum.
+
+        The trajectory and checkpoints reach the store in blocks: at most every
+        `flush_seconds` (each zarr append costs milliseconds, which added up to most of a short
+        run's time when done every epoch), and always at the end.
+        """
         self._checkpoint(self.epoch)
-        self.store.update_attrs({"recorded_step": self.step_count})
-        consolidate(self.path)
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self._flush()
 
     def end_epoch(
         self, *, test_loss: float = float("nan"), test_accuracy: float = float("nan")
@@ -442,9 +475,9 @@ class HydraRecorder:
         self.epoch += 1
         record = EpochRecord(self.epoch, train_loss, float(test_loss), float(test_accuracy))
         self.epochs.append(record)
-        self.store.append("train_loss", np.array([train_loss]))
-        self.store.append("test_loss", np.array([record.test_loss]))
-        self.store.append("test_accuracy", np.array([record.test_accuracy]))
+        self._pending_blocks["train_loss"].append(train_loss)
+        self._pending_blocks["test_loss"].append(record.test_loss)
+        self._pending_blocks["test_accuracy"].append(record.test_accuracy)
         self._epoch_losses, self._epoch_samples = [], 0
         if self.epoch % self.checkpoint_every == 0:
             self.checkpoint()
@@ -463,17 +496,12 @@ class HydraRecorder:
         """Write the hypergradients and the last checkpoint, then mark the store complete."""
         if self._finished:
             return self.path
-        self._flush_steps()
         if self._last_checkpoint_step != self.step_count:
             self._checkpoint(self.epoch)
+        self._flush()
         if hasattr(self, "_seen_labels"):
             self.store.group["label"][:] = self._seen_labels
-        for name, tracker in (
-            ("hypergradient", self.approximate),
-            ("hypergradient_exact", self.exact),
-        ):
-            if tracker is None:
-                continue
+        for name, tracker in self._trackers():
             self.store.write_rows(
                 name,
                 self.selection.n_rows,
