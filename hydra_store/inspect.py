@@ -36,10 +36,16 @@ def describe_store(path: str | Path) -> list[str]:
         )
         if config.get("label_noise"):
             lines.append(f"  label noise {config['label_noise']:.0%} of training labels")
-    lines.append(
-        f"  mode {attrs.get('mode')}: {attrs.get('n_tracked')} of {attrs.get('n_train')} training "
-        f"samples tracked, {attrs.get('n_params'):,} parameters"
-    )
+    if attrs.get("mode") == "trajectory":
+        lines.append(
+            f"  mode trajectory: no hypergradients ({attrs.get('n_train')} training samples, "
+            f"{attrs.get('n_params'):,} parameters); analyse with `analyze --method hydra-exact`"
+        )
+    else:
+        lines.append(
+            f"  mode {attrs.get('mode')}: {attrs.get('n_tracked')} of {attrs.get('n_train')} "
+            f"training samples tracked, {attrs.get('n_params'):,} parameters"
+        )
     if dataset:
         lines.append(
             f"  splits: {dataset.get('n_train')} train, {dataset.get('n_validation', 0)} "
