@@ -220,3 +220,23 @@ def test_trajectory_only_store(tmp_path):
     approx = ds["total_contribution_approx"].values
     assert np.isfinite(exact).all() and np.abs(exact).max() > 0
     assert np.isfinite(approx).all() and not np.allclose(exact, approx)
+
+
+def test_per_test_directions_on_a_local_cluster_equal_threads(float64_run, tmp_path):
+    """Each dask task (a chunk of test directions over the whole trajectory) runs in a worker
+    process of a dask.distributed LocalCluster; results equal the threaded run's."""
+    results = {}
+    for scheduler in ("threads", "local-cluster"):
+        path = tmp_path / f"{scheduler}.zarr"
+        shutil.copytree(float64_run.path, path)
+        run_exact_analysis(path, "test", per_test=3, scheduler=scheduler)
+        results[scheduler] = xr.open_zarr(str(path), group="reverse/test")
+    threads, cluster = results["threads"], results["local-cluster"]
+    assert cluster["contribution_exact"].shape == (N_TRAIN, 3)
+    np.testing.assert_allclose(
+        cluster["contribution_exact"].values, threads["contribution_exact"].values, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        cluster["contribution_approx"].values, threads["contribution_approx"].values, rtol=1e-12
+    )
+    assert np.abs(cluster["contribution_exact"].values).max() > 0
