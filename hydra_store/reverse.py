@@ -12,8 +12,8 @@ the step::
     a_v   = p a_vt
 
 and ``C(i) = -(1/N) s_i``. Dropping H_t gives the approximate (Algorithm 1) contribution; both
-are carried in the same pass. Per step: one forward-over-reverse product gives H_t a_vt and all
-``g_{t,i} . a_vt`` of the batch at once, and one forward-mode product gives the approximate
+are carried in the same pass. Per step: one double-backward graph of the batch loss (with
+per-sample weights) gives H_t a_vt, all ``g_{t,i} . a_vt`` of the batch, and the approximate
 twin's dot products; nothing scales with N except the output vector.
 
 The weights w_{t-1} come from replaying each segment between stored checkpoints forward
