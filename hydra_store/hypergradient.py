@@ -130,17 +130,25 @@ class PerSampleGradients:
         return losses.detach(), out
 
 
+def per_sample_loss_function(
+    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-sample training losses (B,) of one batch as a function of the flat parameters."""
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def losses(flat: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
+        return per_sample_loss(logits, targets)
+
+    return losses
+
+
 def batch_loss_function(
     model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The mean training loss of one batch as a function of the flat parameter vector."""
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
-        return per_sample_loss(logits, targets).mean()
-
-    return loss
+    losses = per_sample_loss_function(model, layout, inputs, targets)
+    return lambda flat: losses(flat).mean()
 
 
 def hessian_vector_products(

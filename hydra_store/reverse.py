@@ -41,7 +41,7 @@ from torch.func import functional_call, grad, vmap
 
 from hydra_store.data import Split
 from hydra_store.errors import AnalysisError, InvalidArgumentError
-from hydra_store.hypergradient import per_sample_loss
+from hydra_store.hypergradient import per_sample_loss, per_sample_loss_function
 from hydra_store.parameters import ParameterLayout, get_flat_parameters
 from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
 from hydra_store.store import FLOAT_CODEC, consolidate, open_group, require_complete
@@ -97,18 +97,6 @@ def flush_denormals() -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
-def _per_sample_losses(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def losses(flat: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
-        return per_sample_loss(logits, targets)
-
-    return losses
-
-
 def adjoint_step_products(
     model: torch.nn.Module,
     layout: ParameterLayout,
@@ -129,7 +117,7 @@ def adjoint_step_products(
     34 ms against 43 ms on LeNet-5; and no forward-mode AD, whose levels are process-wide, so
     tasks on dask threads need no lock.
     """
-    losses = _per_sample_losses(model, layout, inputs, targets)
+    losses = per_sample_loss_function(model, layout, inputs, targets)
     batch = inputs.shape[0]
     with torch.enable_grad():
         w = point.detach().requires_grad_(True)
@@ -263,7 +251,7 @@ def mean_test_gradient(
     for start in range(0, n, batch_size):
         x = inputs[start : start + batch_size].to(param.device, param.dtype)
         y = targets[start : start + batch_size].to(param.device)
-        losses = _per_sample_losses(model, layout, x, y)
+        losses = per_sample_loss_function(model, layout, x, y)
 
         def summed(flat: torch.Tensor, fn=losses) -> torch.Tensor:
             return fn(flat).sum()

@@ -48,6 +48,36 @@ def matrix_chunks(n_rows: int, n_cols: int, itemsize: int = 4) -> tuple[int, int
     return row_chunk, col_chunk
 
 
+def create_array(
+    group: zarr.Group,
+    name: str,
+    *,
+    dims: tuple[str, ...],
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks: tuple[int, ...] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    fill_value: Any = None,
+) -> zarr.Array:
+    """An array of the store's conventions: `dimension_names` always, FLOAT_CODEC for floats,
+    variable-length strings for `str`."""
+    dtype = str if dtype is str else np.dtype(dtype)
+    kwargs: dict[str, Any] = {}
+    if dtype is not str and dtype.kind == "f":
+        kwargs["compressors"] = FLOAT_CODEC
+    if fill_value is not None:
+        kwargs["fill_value"] = fill_value
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks if chunks is not None else "auto",
+        dimension_names=dims,
+        attributes=dict(attrs or {}),
+        **kwargs,
+    )
+
+
 def is_store(path: Path) -> bool:
     meta = path / "zarr.json"
     if not meta.is_file():
@@ -132,21 +162,15 @@ class RecordingStore:
             shape, dtype = data.shape, data.dtype
             if data.dtype.kind in "OUT":
                 dtype = str
-        dtype = np.dtype(dtype) if dtype is not str else str
-        compress = dtype is not str and np.dtype(dtype).kind == "f"
-        kwargs: dict[str, Any] = {}
-        if compress:
-            kwargs["compressors"] = FLOAT_CODEC
-        if fill_value is not None:
-            kwargs["fill_value"] = fill_value
-        array = self.group.create_array(
+        array = create_array(
+            self.group,
             name,
+            dims=dims,
             shape=shape,
             dtype=dtype,
-            chunks=chunks if chunks is not None else "auto",
-            dimension_names=dims,
-            attributes=dict(attrs or {}),
-            **kwargs,
+            chunks=chunks,
+            attrs=attrs,
+            fill_value=fill_value,
         )
         if data is not None and data.size:
             array[...] = data

@@ -33,8 +33,8 @@ from hydra_store.analysis.interclass import class_means, normalise, one_hot
 from hydra_store.errors import AnalysisError, InvalidArgumentError
 from hydra_store.scheduler import dask_scheduler
 from hydra_store.store import (
-    FLOAT_CODEC,
     consolidate,
+    create_array,
     matrix_chunks,
     now_iso,
     open_group,
@@ -148,18 +148,8 @@ def _create(
     chunks: tuple[int, ...] | None = None,
     attrs: dict | None = None,
 ) -> zarr.Array:
-    dtype = str if dtype is str else np.dtype(dtype)
-    kwargs: dict[str, Any] = {}
-    if dtype is not str and dtype.kind == "f":
-        kwargs["compressors"] = FLOAT_CODEC
-    return group.create_array(
-        name,
-        shape=shape,
-        dtype=dtype,
-        chunks=chunks if chunks is not None else "auto",
-        dimension_names=dims,
-        attributes=dict(attrs or {}),
-        **kwargs,
+    return create_array(
+        group, name, dims=dims, shape=shape, dtype=dtype, chunks=chunks, attrs=attrs
     )
 
 
