@@ -8,36 +8,13 @@ from pathlib import Path
 
 import typer
 
-from cli.common import progress_bar, user_errors
+from cli.common import StageBars, user_errors
 from hydra_store.scheduler import SCHEDULER_HELP
 
 
 class Method(str, Enum):
     hydra = "hydra"
     hydra_exact = "hydra-exact"
-
-
-class _Bars:
-    """One tqdm bar per progress stage, closed when the next stage starts."""
-
-    def __init__(self) -> None:
-        self.stage: str | None = None
-        self.bar = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = progress_bar(total, stage)
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.n = done
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def summary_lines(summary) -> list[str]:
@@ -107,7 +84,7 @@ def register(app: typer.Typer) -> None:
         no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
     ) -> None:
         """Contributions, inter-class matrix, top influencers and sign clustering of a store."""
-        bars = _Bars()
+        bars = StageBars()
         with user_errors():
             try:
                 if method is Method.hydra_exact:

@@ -64,3 +64,26 @@ def directory_bytes(path: Path) -> int:
 def call(fn: Callable[..., T], *args, **kwargs) -> T:
     with user_errors():
         return fn(*args, **kwargs)
+
+
+class StageBars:
+    """A progress callback `(stage, done, total)` for the library: one bar per stage, the
+    previous one closed when the next stage starts; `close()` ends the last."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = progress_bar(total, stage)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

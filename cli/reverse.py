@@ -7,26 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cli.common import progress_bar, user_errors
-
-
-def _progress():
-    """A progress callback that keeps one tqdm bar per description."""
-    bars: dict = {}
-
-    def update(description: str, done: int, total: int) -> None:
-        bar = bars.get(description)
-        if bar is None:
-            bar = bars[description] = progress_bar(total, description)
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    def close() -> None:
-        for bar in bars.values():
-            bar.close()
-
-    return update, close
+from cli.common import StageBars, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -46,7 +27,7 @@ def register(app: typer.Typer) -> None:
         contribution of all training samples: sign error rate and Spearman correlation."""
         from hydra_store.comparison import run_comparison
 
-        update, close = _progress()
+        bars = StageBars()
         with user_errors():
             try:
                 summary = run_comparison(
@@ -55,10 +36,10 @@ def register(app: typer.Typer) -> None:
                     over_checkpoints=checkpoints,
                     every=every,
                     png=png,
-                    progress=update,
+                    progress=bars,
                 )
             finally:
-                close()
+                bars.close()
         for line in summary.lines():
             typer.echo(line)
 
@@ -79,7 +60,7 @@ def register(app: typer.Typer) -> None:
         method's predicted contribution with the measured change of the test loss."""
         from hydra_store.validation import run_validation
 
-        update, close = _progress()
+        bars = StageBars()
         with user_errors():
             try:
                 summary = run_validation(
@@ -89,9 +70,9 @@ def register(app: typer.Typer) -> None:
                     selection=selection,
                     seed=seed,
                     scheduler=scheduler,
-                    progress=update,
+                    progress=bars,
                 )
             finally:
-                close()
+                bars.close()
         for line in summary.lines():
             typer.echo(line)

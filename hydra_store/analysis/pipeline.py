@@ -138,25 +138,10 @@ def _swap_in(final: Path, partial: Path, old: Path) -> None:
 # -- writing -----------------------------------------------------------------------------------
 
 
-def _create(
-    group: zarr.Group,
-    name: str,
-    *,
-    dims: tuple[str, ...],
-    shape: tuple[int, ...],
-    dtype: Any,
-    chunks: tuple[int, ...] | None = None,
-    attrs: dict | None = None,
-) -> zarr.Array:
-    return create_array(
-        group, name, dims=dims, shape=shape, dtype=dtype, chunks=chunks, attrs=attrs
-    )
-
-
 def _write(group: zarr.Group, name: str, values: Any, dims: tuple[str, ...], **attrs: Any) -> None:
     values = np.asarray(values)
     dtype = str if values.dtype.kind in "OUT" else values.dtype
-    array = _create(group, name, dims=dims, shape=values.shape, dtype=dtype, attrs=attrs)
+    array = create_array(group, name, dims=dims, shape=values.shape, dtype=dtype, attrs=attrs)
     if values.size:
         array[...] = values
 
@@ -308,7 +293,7 @@ def _test_gradients(
     inputs, targets = test.inputs.to(dtype), test.targets
     n_test, n_params = len(targets), layout.n_params
     chunks = matrix_chunks(n_test, n_params, np.dtype(np_dtype).itemsize)
-    gradients = _create(
+    gradients = create_array(
         group,
         "test_gradient",
         dims=("test", "param"),
@@ -428,7 +413,7 @@ def _run(
     for variable in variables:
         t0 = time.perf_counter()
         sfx = SUFFIX[variable]
-        target = _create(
+        target = create_array(
             group,
             f"contribution{sfx}",
             dims=("sample", "test"),
