@@ -23,7 +23,8 @@ import numpy as np
 def build(path: Path, samples: int, params: int, tests: int) -> None:
     import zarr
 
-    from hydra_store.store import FLOAT_CODEC, consolidate, matrix_chunks
+    from hydra_store.store.arrays import FLOAT_CODEC, matrix_chunks
+    from hydra_store.store.format import consolidate
 
     group = zarr.open_group(path, mode="w", zarr_format=3)
     group.attrs.update({"n_train": samples, "hydra_store_format": 1, "status": "complete"})
@@ -78,8 +79,8 @@ def run_dask(path: Path, scheduler: str, memory_limit: str | None) -> dict:
     import xarray as xr
     import zarr
 
-    from hydra_store.analysis.pipeline import stream_contributions
-    from hydra_store.scheduler import dask_scheduler
+    from hydra_store.analysis.stored import stream_contributions
+    from hydra_store.execution import dask_scheduler
 
     ds = xr.open_zarr(str(path))
     grads = xr.open_zarr(str(path))["test_gradient"]
@@ -129,9 +130,9 @@ def measure(args, kind: str, scheduler="threads", memory_limit=None) -> dict:
 def noise_study(out_dir: Path, epochs: int, lr: float, model: str) -> None:
     """The paper's Table 4 experiment on digits: 50% of the training labels reassigned to wrong
     classes, then sign clustering and the noisy-label ranking of `analyze`."""
-    from hydra_store.analysis.pipeline import AnalyzeConfig, analyze
-    from hydra_store.config import RecordConfig
-    from hydra_store.training import record_run
+    from hydra_store.analysis.stored import analyze
+    from hydra_store.arguments import AnalyzeConfig, RecordConfig
+    from hydra_store.recording.training import record_run
 
     store = out_dir / "noisy-digits.zarr"
     config = RecordConfig(

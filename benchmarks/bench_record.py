@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from hydra_store.data import load_dataset
 from hydra_store.hypergradient import (
     ApproximateHypergradient,
     PerSampleGradients,
@@ -31,10 +29,13 @@ from hydra_store.hypergradient import (
     per_sample_loss,
     read_sgd_settings,
 )
-from hydra_store.models import build_model
-from hydra_store.parameters import ParameterLayout
-from hydra_store.recorder import HydraRecorder, sgd_step
-from hydra_store.state import InMemoryTrackedState
+
+from hydra_store.core.parameters import ParameterLayout
+from hydra_store.core.sgd import sgd_step
+from hydra_store.core.state import InMemoryTrackedState
+from hydra_store.data.datasets import load_dataset
+from hydra_store.data.models import build_model
+from hydra_store.recording.recorder import HydraRecorder
 
 
 def batches(n: int, batch_size: int, seed: int):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def _config(args, out: Path, mode: str, track: str):
-    from hydra_store.config import RecordConfig
+    from hydra_store.arguments import RecordConfig
 
     return RecordConfig(
         dataset=args.dataset,
@@ -37,7 +37,7 @@ def _peak_mb() -> float:
 
 
 def phase_record(args, out: Path, mode: str, track: str) -> dict:
-    from hydra_store.training import record_run
+    from hydra_store.recording.training import record_run
 
     summary = record_run(_config(args, out, mode, track))
     return {
@@ -51,7 +51,7 @@ def phase_record(args, out: Path, mode: str, track: str) -> dict:
 
 
 def phase_reverse(out: Path) -> dict:
-    from hydra_store.reverse import run_exact_analysis
+    from hydra_store.analysis.reverse import run_exact_analysis
 
     # The first call in a process also pays torch.func's one-off start-up (its lazy imports,
     # seconds); the second is what every further analysis costs.
@@ -163,8 +163,8 @@ def main() -> None:
     if args.memory_sizes:
         memory_study(root, [int(x) for x in args.memory_sizes.split(",")])
 
-    from hydra_store.comparison import run_comparison
-    from hydra_store.validation import run_validation
+    from hydra_store.analysis.comparison import run_comparison
+    from hydra_store.analysis.validation import run_validation
 
     tick = time.perf_counter()
     comparison = run_comparison(

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 
 import typer
+from hydra_store_cli.common import StageBars, user_errors
 
-from cli.common import StageBars, user_errors
-from hydra_store.scheduler import SCHEDULER_HELP
+from hydra_store.arguments import AnalyzeConfig
+from hydra_store.execution import SCHEDULER_HELP
 
-
-class Method(str, Enum):
-    hydra = "hydra"
-    hydra_exact = "hydra-exact"
+# Every option's default is the AnalyzeConfig's: the CLI repeats none of them.
+_ANALYZE = AnalyzeConfig()
 
 
 def summary_lines(summary) -> list[str]:
@@ -58,25 +56,38 @@ def register(app: typer.Typer) -> None:
     def analyze(
         store: Path = typer.Argument(..., help="a complete hydra-store store"),
         test_set: str = typer.Option(
-            "test",
+            _ANALYZE.test_set,
             "--test-set",
             help="'test' (the run's test split), 'validation', or a data-set spec of the same "
             "input shape",
         ),
-        checkpoint: int = typer.Option(-1, help="checkpoint whose weights give the test gradients"),
-        top_k: int = typer.Option(10, "--top-k", help="influencers kept per test sample"),
+        checkpoint: int = typer.Option(
+            _ANALYZE.checkpoint, help="checkpoint whose weights give the test gradients"
+        ),
+        top_k: int = typer.Option(
+            _ANALYZE.top_k, "--top-k", help="influencers kept per test sample"
+        ),
         clusters_k: int = typer.Option(
-            1000, "--clusters-k", help="test samples drawn for sign clustering (all if fewer)"
+            _ANALYZE.clusters_k,
+            "--clusters-k",
+            help="test samples drawn for sign clustering (all if fewer)",
         ),
-        seed: int = typer.Option(0, help="seed of the test samples drawn for clustering"),
-        scheduler: str = typer.Option("threads", help=SCHEDULER_HELP),
+        seed: int = typer.Option(
+            _ANALYZE.seed, help="seed of the test samples drawn for clustering"
+        ),
+        scheduler: str = typer.Option(_ANALYZE.scheduler, help=SCHEDULER_HELP),
         memory_limit: str | None = typer.Option(
-            None, "--memory-limit", help="memory limit per worker for local-cluster, e.g. 2GB"
+            _ANALYZE.memory_limit,
+            "--memory-limit",
+            help="memory limit per worker for local-cluster, e.g. 2GB",
         ),
-        batch_size: int = typer.Option(256, "--batch-size", help="test samples per gradient batch"),
-        method: Method = typer.Option(
-            Method.hydra,
-            help="hydra: stored hypergradients; hydra-exact: reverse sweep through the trajectory",
+        batch_size: int = typer.Option(
+            _ANALYZE.batch_size, "--batch-size", help="test samples per gradient batch"
+        ),
+        method: str = typer.Option(
+            "hydra",
+            help="hydra: stored hypergradients; hydra-exact: reverse sweep through the "
+            "trajectory (the contribution methods of hydra_store.analysis.methods)",
         ),
         per_test: int | None = typer.Option(
             None, "--per-test", help="hydra-exact only: test samples given their own sweep"
@@ -84,42 +95,31 @@ def register(app: typer.Typer) -> None:
         no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
     ) -> None:
         """Contributions, inter-class matrix, top influencers and sign clustering of a store."""
+        from hydra_store.analysis.methods import default_methods
+
         bars = StageBars()
         with user_errors():
             try:
-                if method is Method.hydra_exact:
-                    from hydra_store.reverse import run_exact_analysis
-
-                    result = run_exact_analysis(
-                        store,
-                        test_set=test_set,
-                        per_test=per_test,
-                        scheduler=scheduler,
-                        checkpoint=checkpoint,
-                        progress=bars,
-                    )
-                    bars.close()
-                    for line in result.lines():
-                        typer.echo(line)
-                    return
-                from hydra_store.analysis.pipeline import AnalyzeConfig
-                from hydra_store.analysis.pipeline import analyze as run_analyze
-
-                config = AnalyzeConfig(
-                    test_set=test_set,
-                    checkpoint=checkpoint,
-                    top_k=top_k,
-                    clusters_k=clusters_k,
-                    seed=seed,
-                    scheduler=scheduler,
-                    memory_limit=memory_limit,
-                    batch_size=batch_size,
-                    figures=not no_figures,
+                chosen = default_methods()[method]
+                config = chosen.config_from_options(
+                    {
+                        "test_set": test_set,
+                        "checkpoint": checkpoint,
+                        "top_k": top_k,
+                        "clusters_k": clusters_k,
+                        "seed": seed,
+                        "scheduler": scheduler,
+                        "memory_limit": memory_limit,
+                        "batch_size": batch_size,
+                        "figures": not no_figures,
+                        "per_test": per_test,
+                    }
                 )
-                summary = run_analyze(store, config, progress=bars)
+                summary = chosen.run(store, config, progress=bars)
             finally:
                 bars.close()
-        for line in summary_lines(summary):
+        lines = summary_lines(summary) if chosen.name == "hydra" else summary.lines()
+        for line in lines:
             typer.echo(line)
 
     @app.command()
@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
         """Training samples ranked from most harmful, as CSV (index, label, total contribution,
         suspect flag)."""
         with user_errors():
-            from hydra_store.analysis.pipeline import suspects as run_suspects
+            from hydra_store.analysis.stored import suspects as run_suspects
 
             table = run_suspects(store, test_set)
         text = table.to_csv()

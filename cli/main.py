@@ -6,8 +6,12 @@ import sys
 from pathlib import Path
 
 import typer
+from hydra_store_cli.common import directory_bytes, human_bytes, progress_bar, user_errors
 
-from cli.common import directory_bytes, human_bytes, progress_bar, user_errors
+from hydra_store.arguments import RecordConfig
+
+# Every option's default is the RecordConfig's: the CLI repeats none of them.
+_RECORD = RecordConfig()
 
 app = typer.Typer(
     help="HyDRA: measure how much each training sample helped or hurt each test prediction, "
@@ -26,53 +30,62 @@ def _root() -> None:
 @app.command()
 def record(
     dataset: str = typer.Option(
-        "digits",
+        _RECORD.dataset,
         help="digits (scikit-learn, offline), synthetic[:n=..,size=..,channels=..,classes=..,"
         "test=..], mnist, fashion-mnist, cifar10 (standard files in --data-root), a .npz file "
         "or zarr group with x_train/y_train/x_test/y_test, or package.module:function.",
     ),
     model: str = typer.Option(
-        "mlp", help="logreg, mlp (mlp:hidden=64,32), lenet5, or package.module:function."
+        _RECORD.model, help="logreg, mlp (mlp:hidden=64,32), lenet5, or package.module:function."
     ),
-    epochs: int = typer.Option(20, help="Training epochs."),
-    batch_size: int = typer.Option(64, help="Mini-batch size B."),
-    lr: float = typer.Option(0.01, help="Initial learning rate."),
-    momentum: float = typer.Option(0.9, help="SGD momentum p (0 for plain SGD)."),
-    weight_decay: float = typer.Option(2e-5, help="Weight decay λ (L2 coefficient)."),
+    epochs: int = typer.Option(_RECORD.epochs, help="Training epochs."),
+    batch_size: int = typer.Option(_RECORD.batch_size, help="Mini-batch size B."),
+    lr: float = typer.Option(_RECORD.lr, help="Initial learning rate."),
+    momentum: float = typer.Option(_RECORD.momentum, help="SGD momentum p (0 for plain SGD)."),
+    weight_decay: float = typer.Option(
+        _RECORD.weight_decay, help="Weight decay λ (L2 coefficient)."
+    ),
     schedule: str = typer.Option(
-        "step",
+        _RECORD.schedule,
         help="Learning-rate schedule: constant; step (x --lr-decay every --lr-step-epochs); "
         "exponential (x --lr-decay every epoch); plateau (x --lr-decay when train+validation "
         "loss has not improved by 0.01% for --plateau-patience epochs); cosine (per step).",
     ),
     lr_decay: float = typer.Option(
-        None, help="Decay factor (default: 0.1 step, 0.95 exponential, 0.5 plateau)."
+        _RECORD.lr_decay, help="Decay factor (default: 0.1 step, 0.95 exponential, 0.5 plateau)."
     ),
-    lr_step_epochs: int = typer.Option(5, help="Epochs between decays of the step schedule."),
-    plateau_patience: int = typer.Option(2, help="Epochs without improvement before a decay."),
+    lr_step_epochs: int = typer.Option(
+        _RECORD.lr_step_epochs, help="Epochs between decays of the step schedule."
+    ),
+    plateau_patience: int = typer.Option(
+        _RECORD.plateau_patience, help="Epochs without improvement before a decay."
+    ),
     seed: int = typer.Option(
-        0, help="Seed of the split, model init, batch order, noise, tracking."
+        _RECORD.seed, help="Seed of the split, model init, batch order, noise, tracking."
     ),
     track: str = typer.Option(
-        "all",
+        _RECORD.track,
         help="Training samples to track: 'all', a count (drawn stratified by class), or a file "
         "of indices (.npy or whitespace-separated text).",
     ),
     label_noise: float = typer.Option(
-        0.0, help="Fraction of training labels reassigned at random to a wrong class."
+        _RECORD.label_noise,
+        help="Fraction of training labels reassigned at random to a wrong class.",
     ),
-    checkpoint_every: int = typer.Option(1, help="Epochs between stored weight checkpoints."),
+    checkpoint_every: int = typer.Option(
+        _RECORD.checkpoint_every, help="Epochs between stored weight checkpoints."
+    ),
     hypergradient_history: bool = typer.Option(
-        False,
+        _RECORD.hypergradient_history,
         "--hypergradient-history",
         help="Also store the hypergradients at every checkpoint (checkpoint x sample x param; "
         "written in the background while training goes on).",
     ),
-    out: Path = typer.Option(Path("hydra-run.zarr"), help="Path of the Zarr store to write."),
-    overwrite: bool = typer.Option(False, help="Replace an existing store at --out."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    out: Path = typer.Option(Path(_RECORD.out), help="Path of the Zarr store to write."),
+    overwrite: bool = typer.Option(_RECORD.overwrite, help="Replace an existing store at --out."),
+    device: str = typer.Option(_RECORD.device, help="cpu or cuda."),
     mode: str = typer.Option(
-        "approximate",
+        _RECORD.mode,
         help="approximate (the paper's Algorithm 1), exact (Hessian-aware: one Hessian-vector "
         "product per tracked sample per step; hundreds of samples), or both.",
     ),
@@ -83,15 +96,15 @@ def record(
         "plain training; analyse later with `analyze --method hydra-exact`.",
     ),
     data_root: Path = typer.Option(
-        None, help="Directory holding mnist/fashion-mnist/cifar10 files."
+        _RECORD.data_root, help="Directory holding mnist/fashion-mnist/cifar10 files."
     ),
     validation_fraction: float = typer.Option(
-        0.0, help="Carve a stratified validation split of this size out of the training set."
+        _RECORD.validation_fraction,
+        help="Carve a stratified validation split of this size out of the training set.",
     ),
 ) -> None:
     """Train a model with SGD and record HyDRA hypergradients into a Zarr store."""
-    from hydra_store.config import RecordConfig
-    from hydra_store.training import prepare_run, record_run
+    from hydra_store.recording.training import prepare_run, record_run
 
     with user_errors():
         if trajectory_only and mode != "approximate":
@@ -162,7 +175,7 @@ def raise_usage(message: str) -> None:
 @app.command()
 def info(store: Path = typer.Argument(..., help="Path of a hydra-store store.")) -> None:
     """Show what a store holds: run config, status, sizes, epochs, accuracy, analyses."""
-    from hydra_store.inspect import describe_store
+    from hydra_store.store.describe import describe_store
 
     with user_errors():
         lines = describe_store(store)
@@ -173,7 +186,7 @@ def info(store: Path = typer.Argument(..., help="Path of a hydra-store store."))
 
 def _register_optional() -> None:
     """Commands contributed by the analysis modules."""
-    from cli import analyze, reverse
+    from hydra_store_cli import analyze, reverse
 
     analyze.register(app)
     reverse.register(app)

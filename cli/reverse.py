@@ -6,8 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from hydra_store_cli.common import StageBars, user_errors
 
-from cli.common import StageBars, user_errors
+from hydra_store.arguments import CompareConfig, ValidateConfig
+
+# Every option's default is its config's: the CLI repeats none of them.
+_COMPARE = CompareConfig()
+_VALIDATE = ValidateConfig()
 
 
 def register(app: typer.Typer) -> None:
@@ -16,28 +21,31 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def compare(
         store: Path = typer.Argument(..., help="the recorded store"),
-        test_set: str = typer.Option("test", "--test-set", help="test split or data set"),
-        checkpoints: bool = typer.Option(
-            True, "--checkpoints/--no-checkpoints", help="also score over checkpoints and plot"
+        test_set: str = typer.Option(
+            _COMPARE.test_set, "--test-set", help="test split or data set"
         ),
-        every: int = typer.Option(1, "--every", help="score every k-th checkpoint"),
+        checkpoints: bool = typer.Option(
+            _COMPARE.over_checkpoints,
+            "--checkpoints/--no-checkpoints",
+            help="also score over checkpoints and plot",
+        ),
+        every: int = typer.Option(_COMPARE.every, "--every", help="score every k-th checkpoint"),
         png: Path | None = typer.Option(None, "--png", help="plot path (default beside store)"),
     ) -> None:
         """Score the approximate HyDRA contribution (and every stored method) against the exact
         contribution of all training samples: sign error rate and Spearman correlation."""
-        from hydra_store.comparison import run_comparison
+        from hydra_store.analysis.comparison import run_comparison
 
         bars = StageBars()
         with user_errors():
             try:
-                summary = run_comparison(
-                    store,
-                    test_set,
+                config = CompareConfig(
+                    test_set=test_set,
                     over_checkpoints=checkpoints,
                     every=every,
-                    png=png,
-                    progress=bars,
+                    png=None if png is None else str(png),
                 )
+                summary = run_comparison(store, config, progress=bars)
             finally:
                 bars.close()
         for line in summary.lines():
@@ -46,32 +54,37 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def validate(
         store: Path = typer.Argument(..., help="the recorded store"),
-        test_set: str = typer.Option("test", "--test-set", help="test split or data set"),
-        samples: int = typer.Option(50, "--samples", help="training samples to leave out"),
-        selection: str = typer.Option(
-            "random", "--selection", help="random, influential (largest |C|) or mixed"
+        test_set: str = typer.Option(
+            _VALIDATE.test_set, "--test-set", help="test split or data set"
         ),
-        seed: int = typer.Option(0, "--seed"),
+        samples: int = typer.Option(
+            _VALIDATE.samples, "--samples", help="training samples to leave out"
+        ),
+        selection: str = typer.Option(
+            _VALIDATE.selection, "--selection", help="random, influential (largest |C|) or mixed"
+        ),
+        seed: int = typer.Option(_VALIDATE.seed, "--seed"),
         scheduler: str = typer.Option(
-            "threads", "--scheduler", help="threads, local-cluster, or a scheduler address"
+            _VALIDATE.scheduler,
+            "--scheduler",
+            help="threads, local-cluster, or a scheduler address",
         ),
     ) -> None:
         """Leave-one-out retraining through the stored trajectory: correlation of each stored
         method's predicted contribution with the measured change of the test loss."""
-        from hydra_store.validation import run_validation
+        from hydra_store.analysis.validation import run_validation
 
         bars = StageBars()
         with user_errors():
             try:
-                summary = run_validation(
-                    store,
-                    test_set,
+                config = ValidateConfig(
+                    test_set=test_set,
                     samples=samples,
                     selection=selection,
                     seed=seed,
                     scheduler=scheduler,
-                    progress=bars,
                 )
+                summary = run_validation(store, config, progress=bars)
             finally:
                 bars.close()
         for line in summary.lines():

@@ -9,7 +9,10 @@ worker does not load torch):
   `load_run_data`, `replay_training`, `Trajectory`;
 - analyse: `contributions`, `total_contributions`, `interclass`, `top_influencers`,
   `sign_clusters`, `analyze`, `suspects`, `open_analysis` (hydra_store.analysis), and
-  `run_exact_analysis` (reverse mode, hydra_store.reverse).
+  `run_exact_analysis` (reverse mode, hydra_store.analysis.reverse).
+
+The package is layered (docs/design.md): `data` and `core` at the bottom, then `store`, `replay`,
+and `recording` beside `analysis` on top; the CLI lives in the separate `hydra_store_cli`.
 """
 
 from __future__ import annotations
@@ -20,15 +23,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "HydraRecorder": "hydra_store.recorder",
+    "HydraRecorder": "hydra_store.recording.recorder",
     "HydraStoreError": "hydra_store.errors",
-    "RecordConfig": "hydra_store.config",
-    "record_run": "hydra_store.training",
-    "open_dataset": "hydra_store.store",
-    "Trajectory": "hydra_store.replay",
-    "load_run_data": "hydra_store.replay",
-    "model_at_checkpoint": "hydra_store.replay",
-    "replay_training": "hydra_store.replay",
+    "RecordConfig": "hydra_store.arguments",
+    "record_run": "hydra_store.recording.training",
+    "open_dataset": "hydra_store.store.format",
+    "Trajectory": "hydra_store.replay.trajectory",
+    "load_run_data": "hydra_store.replay.recorded_run",
+    "model_at_checkpoint": "hydra_store.replay.recorded_run",
+    "replay_training": "hydra_store.replay.trajectory",
     "contributions": "hydra_store.analysis",
     "total_contributions": "hydra_store.analysis",
     "interclass": "hydra_store.analysis",
@@ -37,7 +40,7 @@ _EXPORTS = {
     "analyze": "hydra_store.analysis",
     "suspects": "hydra_store.analysis",
     "open_analysis": "hydra_store.analysis",
-    "run_exact_analysis": "hydra_store.reverse",
+    "run_exact_analysis": "hydra_store.analysis.reverse",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hydra_store.config import RecordConfig
-from hydra_store.training import record_run
+from hydra_store.arguments import RecordConfig
+from hydra_store.recording.training import record_run
 
 
 def tiny_config(out: Path, **overrides) -> RecordConfig:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
+from hydra_store_cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from tests.test_cli_record import assert_one_error_line
 
 runner = CliRunner()

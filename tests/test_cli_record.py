@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import zarr
+from hydra_store_cli.main import app
 from typer.testing import CliRunner
-
-from cli.main import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +107,7 @@ def _start_long_recording(out: Path) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
-        "cli.main",
+        "hydra_store_cli.main",
         "record",
         "--dataset",
         "synthetic:n=4000,size=12",

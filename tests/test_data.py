@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from hydra_store.data import (
+from hydra_store.data.datasets import (
     KNOWN_DATASETS,
     DatasetBundle,
     Split,

@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from hydra_store.core.hypergradient import ApproximateHypergradient, TrackedSelection
+from hydra_store.core.sgd import SGDSettings, read_sgd_settings
+from hydra_store.core.state import InMemoryTrackedState
 from hydra_store.errors import InvalidArgumentError, UnsupportedOptimizerError
-from hydra_store.hypergradient import (
-    ApproximateHypergradient,
-    SGDSettings,
-    TrackedSelection,
-    read_sgd_settings,
-)
-from hydra_store.state import InMemoryTrackedState
 
 
 def naive_dense_recurrence(n_train, tracked, batches, gradients, settings_per_step, momentum):

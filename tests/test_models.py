@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from hydra_store.data.models import KNOWN_MODELS, build_model, check_supported_model
 from hydra_store.errors import InvalidArgumentError, ModelError
-from hydra_store.models import KNOWN_MODELS, build_model, check_supported_model
 
 
 def n_params(model: nn.Module) -> int:

@@ -9,13 +9,13 @@ import torch
 import zarr
 from torch.func import functional_call, grad, jacfwd
 
-from hydra_store.config import RecordConfig
-from hydra_store.data import load_dataset, subset
+from hydra_store.arguments import RecordConfig
+from hydra_store.core.gradients import per_sample_loss
+from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
+from hydra_store.data.datasets import load_dataset, subset
+from hydra_store.data.models import build_model
 from hydra_store.errors import InvalidArgumentError, ModelError, UnsupportedOptimizerError
-from hydra_store.hypergradient import per_sample_loss
-from hydra_store.models import build_model
-from hydra_store.parameters import ParameterLayout, get_flat_parameters
-from hydra_store.recorder import HydraRecorder
+from hydra_store.recording.recorder import HydraRecorder
 
 
 def small_digits(n_train: int = 22):
@@ -199,7 +199,7 @@ def test_exception_inside_the_recording_marks_the_store_failed(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_recording_matches_cpu(tmp_path):
-    from hydra_store.training import record_run
+    from hydra_store.recording.training import record_run
 
     runs = {}
     for device in ("cpu", "cuda"):

@@ -13,20 +13,18 @@ import torch
 import xarray as xr
 import zarr
 
-from hydra_store.config import RecordConfig
-from hydra_store.data import load_dataset
+from hydra_store.analysis.reverse import adjoint_contributions, run_exact_analysis
+from hydra_store.analysis.test_sets import resolve_test_set
+from hydra_store.arguments import RecordConfig
+from hydra_store.core.gradients import mean_loss_gradient, per_sample_loss_gradients
+from hydra_store.data.datasets import load_dataset
+from hydra_store.data.models import build_model
+from hydra_store.data.training_data import dataset_attrs
 from hydra_store.errors import InvalidArgumentError, ReplayMismatchError
-from hydra_store.models import build_model
-from hydra_store.recorder import HydraRecorder
-from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
-from hydra_store.reverse import (
-    adjoint_contributions,
-    mean_test_gradient,
-    per_test_gradients,
-    run_exact_analysis,
-)
-from hydra_store.testsets import resolve_test_set
-from hydra_store.training import dataset_attrs, record_run
+from hydra_store.recording.recorder import HydraRecorder
+from hydra_store.recording.training import record_run
+from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.trajectory import Trajectory
 
 N_TRAIN, N_TEST, BATCH, EPOCHS = 200, 100, 32, 3  # 200 = 6 batches of 32 + a partial one of 8
 MODEL = "mlp:hidden=12"
@@ -110,7 +108,7 @@ def test_direction(path: Path) -> torch.Tensor:
     tests = resolve_test_set(path, "test")
     model = model_at_checkpoint(path, -1)
     trajectory = Trajectory(path)
-    return mean_test_gradient(model, trajectory.layout, tests.inputs, tests.targets)[0]
+    return mean_loss_gradient(model, trajectory.layout, tests.inputs, tests.targets)[0]
 
 
 test_direction.__test__ = False  # a helper, not a test
@@ -145,7 +143,7 @@ def test_per_test_directions_batched(float64_run):
     trajectory = Trajectory(path)
     tests = resolve_test_set(path, "test")
     final = model_at_checkpoint(path, -1)
-    g = per_test_gradients(final, trajectory.layout, tests.inputs, tests.targets).detach()
+    g = per_sample_loss_gradients(final, trajectory.layout, tests.inputs, tests.targets).detach()
     train = load_run_data(path).train
     both = adjoint_contributions(trajectory, model_at_checkpoint(path, 0), train, g[[3, 7]])
     single = adjoint_contributions(trajectory, model_at_checkpoint(path, 0), train, g[7:8])

@@ -11,8 +11,10 @@ import xarray as xr
 import zarr
 
 from hydra_store.errors import ReplayMismatchError, StoreExistsError, StoreFormatError
-from hydra_store.replay import model_at_checkpoint, replay_training
-from hydra_store.store import FORMAT_VERSION, RecordingStore, open_group
+from hydra_store.replay.recorded_run import model_at_checkpoint
+from hydra_store.replay.trajectory import replay_training
+from hydra_store.store.format import FORMAT_VERSION, open_group
+from hydra_store.store.writer import RecordingStore
 from tests.conftest import tiny_config
 
 EXPECTED_DIMS = {
@@ -79,8 +81,8 @@ def test_trajectory_variables_have_the_recorded_values(digits_store):
 
 def test_initial_weights_are_the_models_and_replay_reproduces_the_final_ones(digits_store):
     ds = xr.open_zarr(digits_store)
-    from hydra_store.models import build_model
-    from hydra_store.parameters import ParameterLayout, get_flat_parameters
+    from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
+    from hydra_store.data.models import build_model
 
     fresh = build_model("mlp:hidden=16", input_shape=(1, 8, 8), n_classes=10, seed=0)
     initial = get_flat_parameters(fresh, ParameterLayout.from_model(fresh)).numpy()
@@ -128,7 +130,7 @@ def test_a_plain_zarr_group_is_not_taken_for_a_store(tmp_path):
 
 
 def test_trajectory_only_store_replays(tmp_path):
-    from hydra_store.training import record_run
+    from hydra_store.recording.training import record_run
 
     out = tmp_path / "traj.zarr"
     record_run(tiny_config(out, mode="trajectory", epochs=2))
@@ -148,7 +150,7 @@ def test_every_variable_and_attribute_is_documented(digits_store, noisy_digits_s
 
 
 def test_hypergradient_history_matches_shorter_runs(tmp_path):
-    from hydra_store.training import record_run
+    from hydra_store.recording.training import record_run
 
     long = tmp_path / "long.zarr"
     record_run(tiny_config(long, epochs=3, hypergradient_history=True, track="200"))

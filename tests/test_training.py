@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from hydra_store.arguments import ScheduleSpec
+from hydra_store.data.training_data import apply_label_noise
 from hydra_store.errors import InvalidArgumentError
-from hydra_store.schedules import EpochSchedule, ScheduleSpec
-from hydra_store.training import apply_label_noise, select_tracked
+from hydra_store.recording.lr_schedules import EpochSchedule
+from hydra_store.recording.training import select_tracked
 
 
 def test_label_noise_reassigns_the_fraction_to_wrong_classes():

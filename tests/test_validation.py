@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from hydra_store.analysis.reverse import adjoint_contributions
+from hydra_store.analysis.test_sets import resolve_test_set
+from hydra_store.analysis.validation import choose_samples, retrain_weighted, run_validation
+from hydra_store.core.gradients import evaluate
 from hydra_store.errors import InvalidArgumentError
-from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
-from hydra_store.reverse import adjoint_contributions
-from hydra_store.testsets import resolve_test_set
-from hydra_store.validation import choose_samples, retrain_weighted, run_validation, test_loss
+from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.trajectory import Trajectory
 from tests import test_reverse
 from tests.test_reverse import N_TRAIN, test_direction
 
@@ -45,7 +47,7 @@ def test_central_differences_agree_with_exact_contributions(float64_run):
             weights[i] = 1.0 + N_TRAIN * sign * delta  # eps_i scales the loss by (1 + N eps_i)
             model = model_at_checkpoint(path, 0)
             retrain_weighted(trajectory, model, train, weights)
-            losses.append(test_loss(model, tests.inputs, tests.targets))
+            losses.append(evaluate(model, tests.inputs, tests.targets)[0])
         derivative = (losses[0] - losses[1]) / (2 * delta)
         predicted = -N_TRAIN * result.exact[0, i]
         assert derivative == pytest.approx(predicted, rel=1e-5, abs=1e-9)

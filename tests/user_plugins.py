@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hydra_store.data import DatasetBundle, Split
+from hydra_store.data.datasets import DatasetBundle, Split
 
 
 def vector_data(seed: int) -> dict[str, np.ndarray]:

@@ -1,5 +1,12 @@
-"""Analyses of a recorded store: contributions, inter-class matrix, top influencers, sign
-clustering and noisy-label ranking (docs/analysis.md).
+"""Analyses of a recorded store (docs/analysis.md, docs/reverse-mode.md).
+
+- lazy dask/xarray functions of the stored hypergradients: `contributions`,
+  `total_contributions`, `interclass`, `top_influencers`, `sign_clusters` (no torch);
+- the stages behind the CLI: `stored` (`analyze`, `suspects`), `reverse` (reverse mode),
+  `comparison` (`compare`), `validation` (`validate`), with `methods` (the contribution-method
+  registry), `metrics`, `test_sets` and `figures`.
+
+Nothing here imports the recording layer (an import-linter contract checks it).
 
 The functions return lazy xarray objects backed by dask, so they compose with
 `xr.open_zarr(store)` and `xr.open_zarr(store, group="analysis/test")`. `analyze` and `suspects`
@@ -18,7 +25,7 @@ from hydra_store.analysis.influencers import extreme_samples, top_influencers
 from hydra_store.analysis.interclass import interclass
 
 if TYPE_CHECKING:
-    from hydra_store.analysis.pipeline import (
+    from hydra_store.analysis.stored import (
         AnalyzeConfig,
         AnalyzeSummary,
         ProgressCallback,
@@ -47,21 +54,21 @@ def analyze(
     path: str | Path, config: AnalyzeConfig | None = None, progress: ProgressCallback | None = None
 ) -> AnalyzeSummary:
     """Run every analysis for one test set into `analysis/<name>` (see pipeline.analyze)."""
-    from hydra_store.analysis.pipeline import analyze as run
+    from hydra_store.analysis.stored import analyze as run
 
     return run(path, config, progress)
 
 
 def suspects(path: str | Path, test_set: str = "test") -> SuspectsTable:
     """Training samples ranked from most harmful (see pipeline.suspects)."""
-    from hydra_store.analysis.pipeline import suspects as run
+    from hydra_store.analysis.stored import suspects as run
 
     return run(path, test_set)
 
 
 def open_analysis(path: str | Path, test_set: str = "test"):
     """The analysis group of a test set as a lazy xarray Dataset."""
-    from hydra_store.analysis.pipeline import open_analysis as run
+    from hydra_store.analysis.stored import open_analysis as run
 
     return run(path, test_set)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hydra_store.analysis.pipeline import AnalyzeConfig, analyze
+from hydra_store.analysis.stored import analyze
+from hydra_store.arguments import AnalyzeConfig
 
 
 @pytest.fixture(scope="session")

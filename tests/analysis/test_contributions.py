@@ -7,8 +7,8 @@ import torch
 import xarray as xr
 
 from hydra_store.analysis import contributions, top_influencers, total_contributions
-from hydra_store.replay import model_at_checkpoint
-from hydra_store.testsets import resolve_test_set
+from hydra_store.analysis.test_sets import resolve_test_set
+from hydra_store.replay.recorded_run import model_at_checkpoint
 
 
 def brute_force(store):

@@ -11,8 +11,8 @@ import xarray as xr
 import zarr
 
 from hydra_store.analysis import contributions
-from hydra_store.analysis.pipeline import stream_contributions
-from hydra_store.store import FLOAT_CODEC
+from hydra_store.analysis.stored import stream_contributions
+from hydra_store.store.arrays import FLOAT_CODEC
 
 N_SAMPLE, N_PARAM, N_TEST, ROWS = 16384, 2048, 64, 256
 LIMIT = 40 * 2**20  # the memory limit imposed: the hypergradient (128 MiB) is 3.2x this
@@ -75,7 +75,7 @@ def test_analysis_larger_than_memory_limit(tmp_path):
 def test_analysis_on_a_local_cluster_under_a_worker_memory_limit(tmp_path):
     """dask.distributed: one worker process limited to 256 MiB (its nanny kills it past 95%)
     analyses a 512 MiB hypergradient, and the results equal the threaded ones."""
-    from hydra_store.scheduler import dask_scheduler
+    from hydra_store.execution import dask_scheduler
 
     rows, n_param = 256, 8192
     n_sample = 16384  # 16384 x 8192 float32 = 512 MiB

@@ -6,23 +6,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from hydra_store.errors import AnalysisError, InvalidArgumentError
-from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
-from hydra_store.reverse import (
+from hydra_store.analysis.methods import MethodRegistry, ReverseModeMethod, default_methods
+from hydra_store.analysis.metrics import pearson, sign_error_rate, spearman
+from hydra_store.analysis.reverse import (
     adjoint_contributions,
-    mean_test_gradient,
     read_reverse_group,
     run_exact_analysis,
-    write_group_atomically,
 )
-from hydra_store.store import open_group, require_complete
-from hydra_store.testsets import group_name, resolve_test_set
+from hydra_store.analysis.test_sets import group_name, resolve_test_set
+from hydra_store.arguments import CompareConfig, resolve_config
+from hydra_store.core.gradients import mean_loss_gradient
+from hydra_store.errors import AnalysisError, InvalidArgumentError
+from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.trajectory import Trajectory
+from hydra_store.store.format import open_group, require_complete
+from hydra_store.store.groups import write_result_group
 
 Progress = Callable[[str, int, int], None]
 
@@ -30,55 +34,6 @@ Progress = Callable[[str, int, int], None]
 # training samples, end of training): shown beside what we measure.
 PAPER_SIGN_ERROR = 0.014
 PAPER_SPEARMAN = 0.986
-
-
-def sign_error_rate(predicted: np.ndarray, exact: np.ndarray) -> float:
-    """Fraction of samples whose predicted contribution has the other sign than the exact one."""
-    predicted, exact = np.asarray(predicted), np.asarray(exact)
-    return float(np.mean(np.sign(predicted) != np.sign(exact)))
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (ties get their average rank)."""
-    ra = pd.Series(np.asarray(a, dtype=np.float64)).rank().to_numpy()
-    rb = pd.Series(np.asarray(b, dtype=np.float64)).rank().to_numpy()
-    return pearson(ra, rb)
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def stored_methods(path: str | Path, test_set: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Contributions stored by other analyses: {method: (training indices, C(i))}.
-
-    Reads every `total_contribution*` variable of `analysis/<test set>` with dims (sample,)
-    (tracked samples, mapped to training indices through the root `sample` coordinate) or
-    (train,) (all samples).
-    """
-    root = open_group(path)
-    name = group_name(test_set)
-    try:
-        group = root[f"analysis/{name}"]
-    except KeyError:
-        return {}
-    methods: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    sample = np.asarray(root["sample"][:]) if "sample" in root else None
-    for key in sorted(group.array_keys()):
-        if not key.startswith("total_contribution"):
-            continue
-        array = group[key]
-        dims = tuple(array.metadata.dimension_names or ())
-        values = np.asarray(array[:], dtype=np.float64)
-        if dims == ("sample",) and sample is not None and values.size == sample.size:
-            index = np.asarray(group["sample"][:]) if "sample" in group else sample
-            methods[f"analysis:{key}"] = (index.astype(np.int64), values)
-        elif dims == ("train",):
-            methods[f"analysis:{key}"] = (np.arange(values.size), values)
-    return methods
 
 
 def exact_totals(
@@ -183,7 +138,7 @@ def checkpoint_study(
     scratch = model_at_checkpoint(path, 0)
     for n, k in enumerate(chosen, start=1):
         model = model_at_checkpoint(path, k)
-        u, _ = mean_test_gradient(model, trajectory.layout, tests.inputs, tests.targets)
+        u, _ = mean_loss_gradient(model, trajectory.layout, tests.inputs, tests.targets)
         result = adjoint_contributions(trajectory, scratch, data.train, u[None], checkpoint=k)
         steps.append(int(trajectory.checkpoint_step[k]))
         errors.append(sign_error_rate(result.approx[0], result.exact[0]))
@@ -222,45 +177,51 @@ def plot_checkpoints(
 
 def run_comparison(
     path: str | Path,
-    test_set: str = "test",
+    config: CompareConfig | str = "test",
     *,
-    over_checkpoints: bool = True,
-    every: int = 1,
-    png: str | Path | None = None,
     progress: Progress | None = None,
+    methods: MethodRegistry | None = None,
+    **options: Any,
 ) -> ComparisonSummary:
-    """Score the approximate HyDRA contribution (and every `total_contribution*` stored in
-    `analysis/<test set>`) against the exact contribution, write the table (and the
-    per-checkpoint curves) to `reverse/<test set>/comparison`, and plot them to `png`
-    (default: `<store>-compare-<test set>.png` beside the store)."""
+    """Score the approximate HyDRA contribution (and the stored C(i) of every method in
+    `methods`, default: the built-in ones) against the exact contribution, write the table (and
+    the per-checkpoint curves) to `reverse/<test set>/comparison`, and plot them to `png`
+    (default: `<store>-compare-<test set>.png` beside the store). `config` is a CompareConfig,
+    or the test set's name with its fields as keyword options."""
+    if options.get("png") is not None:
+        options["png"] = str(options["png"])
+    config = resolve_config(CompareConfig, config, options)
+    config.validate()
     started = time.perf_counter()
     path = Path(path)
     require_complete(open_group(path), path)
-    name = group_name(test_set)
+    test_set, name = config.test_set, group_name(config.test_set)
     exact, approx, computed = exact_totals(path, test_set, progress)
-    methods = {"hydra-approx (reverse mode, all samples)": (np.arange(exact.size), approx)}
-    methods.update(stored_methods(path, test_set))
-    scores = []
-    for method, (index, values) in methods.items():
-        gold = exact[index]
-        scores.append(
-            MethodScore(
-                method,
-                int(index.size),
-                sign_error_rate(values, gold),
-                spearman(values, gold),
-                pearson(values, gold),
-            )
+    scored = {"hydra-approx (reverse mode, all samples)": (np.arange(exact.size), approx)}
+    for label, totals in (methods or default_methods()).totals(path, test_set).items():
+        if label not in (ReverseModeMethod.EXACT, ReverseModeMethod.APPROXIMATE):
+            scored[label] = totals
+    scores = [
+        MethodScore(
+            label,
+            int(index.size),
+            sign_error_rate(values, exact[index]),
+            spearman(values, exact[index]),
+            pearson(values, exact[index]),
         )
+        for label, (index, values) in scored.items()
+    ]
     steps = np.zeros(0, dtype=np.int64)
     errors = correlations = np.zeros(0)
     png_path = None
-    if over_checkpoints:
+    if config.over_checkpoints:
         steps, errors, correlations = checkpoint_study(
-            path, test_set, every=every, progress=progress
+            path, test_set, every=config.every, progress=progress
         )
         png_path = (
-            Path(png) if png is not None else path.with_name(f"{path.stem}-compare-{name}.png")
+            Path(config.png)
+            if config.png is not None
+            else path.with_name(f"{path.stem}-compare-{name}.png")
         )
         plot_checkpoints(
             png_path,
@@ -280,12 +241,13 @@ def run_comparison(
         "checkpoint_spearman": (correlations, ("checkpoint",), {}),
     }
     attrs = {
+        "config": asdict(config),
         "gold_standard": "total_contribution_exact (reverse mode)",
         "paper_sign_error": PAPER_SIGN_ERROR,
         "paper_spearman": PAPER_SPEARMAN,
         "png": str(png_path) if png_path else None,
     }
-    write_group_atomically(path, f"reverse/{name}/comparison", arrays, attrs)
+    write_result_group(path, f"reverse/{name}/comparison", arrays, attrs)
     return ComparisonSummary(
         path=path,
         test_set=name,

@@ -16,25 +16,25 @@ The built-in models are ``nn.Sequential`` with named children, so parameter name
 
 from __future__ import annotations
 
-import importlib
 import math
-import re
+import threading
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from hydra_store.data.plugins import is_plugin_spec, load_plugin_function
 from hydra_store.errors import InvalidArgumentError, ModelError
 
 KNOWN_MODELS: tuple[str, ...] = ("logreg", "mlp", "lenet5")
 
 _DEFAULT_HIDDEN = (32,)
+# torch's CPU generator is process-wide: building under a fork of it is not thread-safe on its
+# own, so every build takes this lock (the only lock of its kind in the package).
+_GLOBAL_RNG_LOCK = threading.Lock()
 _ACCEPTED_FORMS = (
     "one of " + ", ".join(KNOWN_MODELS) + "; 'mlp:hidden=64,32' (hidden layer sizes); or "
     "'package.module:function' taking input_shape and n_classes and returning a torch.nn.Module"
-)
-_PLUGIN_RE = re.compile(
-    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 )
 
 
@@ -50,7 +50,8 @@ def build_model(
 
     The initial weights depend only on ``seed``: the model is built under a fork of the CPU
     random number generator seeded with it, so the caller's global RNG state is left as it was
-    (not thread-safe: do not build models from several threads at once). The result is cast to
+    (the fork and reseed of that process-wide generator run under one lock, so models may be
+    built from several threads at once, as dask tasks do). The result is cast to
     ``dtype``, checked with `check_supported_model`, and run once on a zero batch to check that
     it maps ``input_shape`` to ``n_classes`` logits.
     """
@@ -66,7 +67,7 @@ def build_model(
 
     spec = spec.strip()
     key = spec.lower()
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         # Seed only the CPU generator: torch.manual_seed would also reseed CUDA generators,
         # which fork_rng(devices=[]) does not restore.
         torch.default_generator.manual_seed(seed)
@@ -76,7 +77,7 @@ def build_model(
             model = _mlp(shape, n_classes, _parse_hidden(key))
         elif key == "lenet5":
             model = _lenet5(shape, n_classes)
-        elif _PLUGIN_RE.match(spec):
+        elif is_plugin_spec(spec):
             model = _plugin_model(spec, shape, n_classes)
         else:
             raise ModelError(f"unknown model {spec!r}; accepted: {_ACCEPTED_FORMS}")
@@ -203,16 +204,7 @@ def _lenet5(shape: tuple[int, ...], n_classes: int) -> nn.Module:
 
 
 def _plugin_model(spec: str, shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    module_name, _, func_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ModelError(
-            f"cannot import module {module_name!r} for model {spec!r}: {exc} (is it on PYTHONPATH?)"
-        ) from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ModelError(f"model {spec!r}: module {module_name!r} has no function {func_name!r}")
+    func = load_plugin_function(spec, what="model", error=ModelError)
     try:
         model = func(input_shape=shape, n_classes=n_classes)
     except Exception as exc:

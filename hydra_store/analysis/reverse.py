@@ -17,19 +17,15 @@ per-sample weights) gives H_t a_vt, all ``g_{t,i} . a_vt`` of the batch, and the
 twin's dot products; nothing scales with N except the output vector.
 
 The weights w_{t-1} come from replaying each segment between stored checkpoints forward
-(`Trajectory.replay_segment`, checked against the stored checkpoint at the segment's end), one
+(`hydra_store.replay.trajectory.Trajectory.replay_segment`, checked against the stored checkpoint at the segment's end), one
 segment in memory at a time, walked backwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,24 +33,29 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from torch.func import functional_call, grad, vmap
 
-from hydra_store.data import Split
+from hydra_store.analysis.metrics import sign_error_rate, spearman
+from hydra_store.analysis.test_sets import group_name, resolve_test_set
+from hydra_store.arguments import ReverseConfig, resolve_config
+from hydra_store.core.gradients import (
+    mean_loss_gradient,
+    per_sample_loss_function,
+    per_sample_loss_gradients,
+)
+from hydra_store.core.parameters import ParameterLayout
+from hydra_store.data.datasets import Split
 from hydra_store.errors import AnalysisError, InvalidArgumentError
-from hydra_store.hypergradient import per_sample_loss, per_sample_loss_function
-from hydra_store.parameters import ParameterLayout, get_flat_parameters
-from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
-from hydra_store.store import FLOAT_CODEC, consolidate, open_group, require_complete
-from hydra_store.testsets import resolve_test_set
+from hydra_store.execution import map_tasks
+from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.trajectory import Trajectory
+from hydra_store.store.format import open_group, require_complete
+from hydra_store.store.groups import write_result_group
 
 Progress = Callable[[str, int, int], None]
 
 REVERSE_GROUP = "reverse"
 # Directions per dask task when per-test contributions are asked for.
 DIRECTION_CHUNK = 16
-
-# build_model forks the global RNG and is not thread-safe: tasks on dask threads build under this.
-_BUILD_LOCK = threading.Lock()
 
 
 def resolve_checkpoint(n_checkpoints: int, checkpoint: int | None) -> int:
@@ -231,55 +232,6 @@ def _sweep(trajectory, model, train, end, state, scores, check, progress) -> Non
         del steps
 
 
-# -- test directions ---------------------------------------------------------------------------
-
-
-def mean_test_gradient(
-    model: torch.nn.Module,
-    layout: ParameterLayout,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    batch_size: int = 1024,
-) -> tuple[torch.Tensor, float]:
-    """(u = grad of the mean test loss at the model's weights (P,), the mean test loss)."""
-    param = next(model.parameters())
-    point = get_flat_parameters(model, layout)
-    total = torch.zeros_like(point)
-    loss_sum = 0.0
-    n = int(targets.shape[0])
-    for start in range(0, n, batch_size):
-        x = inputs[start : start + batch_size].to(param.device, param.dtype)
-        y = targets[start : start + batch_size].to(param.device)
-        losses = per_sample_loss_function(model, layout, x, y)
-
-        def summed(flat: torch.Tensor, fn=losses) -> torch.Tensor:
-            return fn(flat).sum()
-
-        g = grad(summed)(point)
-        total += g
-        with torch.no_grad():
-            loss_sum += float(losses(point).sum())
-    return total / max(1, n), loss_sum / max(1, n)
-
-
-def per_test_gradients(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """The loss gradient of each given test sample at the model's weights, (n, P)."""
-    param = next(model.parameters())
-    point = get_flat_parameters(model, layout)
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def one(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (layout.unflatten(flat), buffers), (x[None],))
-        return per_sample_loss(logits, y[None]).squeeze(0)
-
-    x = inputs.to(param.device, param.dtype)
-    y = targets.to(param.device)
-    return vmap(grad(one), in_dims=(None, 0, 0))(point, x, y)
-
-
 # -- tasks and the analysis --------------------------------------------------------------------
 
 
@@ -289,8 +241,7 @@ def _direction_task(
     """One dask task: a chunk of test directions over the whole trajectory (self-contained, so
     that it runs the same on threads and on dask.distributed worker processes)."""
     trajectory = Trajectory(path)
-    with _BUILD_LOCK:
-        model = model_at_checkpoint(path, 0)
+    model = model_at_checkpoint(path, 0)
     data = load_run_data(path)
     result = adjoint_contributions(
         trajectory,
@@ -331,43 +282,17 @@ def _run_direction_chunks(
     progress: Progress | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-test directions in chunks of DIRECTION_CHUNK, one dask task per chunk."""
-    import dask
-
-    from hydra_store.scheduler import dask_scheduler
-
     chunks = [
-        directions[start : start + DIRECTION_CHUNK]
+        (str(path), directions[start : start + DIRECTION_CHUNK], checkpoint, True)
         for start in range(0, directions.shape[0], DIRECTION_CHUNK)
     ]
-    description = "per-test directions"
-    with dask_scheduler(scheduler) as client:
-        if client is None:
-            lock = threading.Lock()
-            finished = [0]
-
-            def task(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                out = _direction_task(str(path), chunk, checkpoint, True)
-                with lock:
-                    finished[0] += 1
-                    if progress is not None:
-                        progress(description, finished[0], len(chunks))
-                return out
-
-            tasks = [dask.delayed(task, pure=False)(c) for c in chunks]
-            results = list(dask.compute(*tasks))
-        else:
-            from distributed import as_completed
-
-            futures = [
-                client.submit(_direction_task, str(path), c, checkpoint, True, pure=False)
-                for c in chunks
-            ]
-            order = {f.key: n for n, f in enumerate(futures)}
-            results = [None] * len(chunks)
-            for n, future in enumerate(as_completed(futures), start=1):
-                results[order[future.key]] = future.result()
-                if progress is not None:
-                    progress(description, n, len(chunks))
+    results = map_tasks(
+        _direction_task,
+        chunks,
+        scheduler=scheduler,
+        progress=progress,
+        description="per-test directions",
+    )
     exact = np.concatenate([r[0] for r in results], axis=0)
     approx = np.concatenate([r[1] for r in results], axis=0)
     return exact, approx
@@ -391,8 +316,6 @@ class ExactAnalysisSummary:
 
     def lines(self) -> list[str]:
         exact, approx = self.total_exact, self.total_approx
-        from hydra_store.comparison import sign_error_rate, spearman
-
         order = np.argsort(exact)
         lines = [
             f"exact (reverse-mode) contributions of all {self.n_train} training samples to "
@@ -415,77 +338,51 @@ class ExactAnalysisSummary:
 
 def run_exact_analysis(
     path: str | Path,
-    test_set: str = "test",
+    config: ReverseConfig | str = "test",
     *,
-    per_test: int | Sequence[int] | None = None,
-    scheduler: str | None = None,
-    checkpoint: int | None = None,
     progress: Progress | None = None,
+    **options: Any,
 ) -> ExactAnalysisSummary:
     """Exact and approximate total contributions of every training sample to a test set (and,
     with `per_test`, to each of a subset of test samples), written to `reverse/<test set>`.
 
-    Works on any complete store, including trajectory-only ones: no stored hypergradient is
-    read. `per_test` is a count (the first K test samples) or a list of test indices; those
-    directions run as dask tasks of DIRECTION_CHUNK directions each on `scheduler`.
-    `checkpoint` truncates the trajectory there (the test direction is taken at its weights).
+    `config` is a ReverseConfig, or the test set's name with the ReverseConfig fields as keyword
+    options. Works on any complete store, including trajectory-only ones: no stored
+    hypergradient is read. `per_test` is a count (the first K test samples) or a list of test
+    indices; those directions run as dask tasks of DIRECTION_CHUNK directions each on
+    `scheduler`. `checkpoint` truncates the trajectory there (the test direction is taken at its
+    weights).
     """
+    if isinstance(options.get("per_test"), Sequence):
+        options["per_test"] = tuple(int(i) for i in options["per_test"])
+    config = resolve_config(ReverseConfig, config, options)
+    config.validate()
     started = time.perf_counter()
     path = Path(path)
-    group = open_group(path)
-    require_complete(group, path)
+    require_complete(open_group(path), path)
     trajectory = Trajectory(path)
-    end = resolve_checkpoint(len(trajectory.checkpoint_step), checkpoint)
+    end = resolve_checkpoint(len(trajectory.checkpoint_step), config.checkpoint)
     data = load_run_data(path)
-    tests = resolve_test_set(path, test_set, run=data)
+    tests = resolve_test_set(path, config.test_set, run=data)
     model = model_at_checkpoint(path, end)
     layout = trajectory.layout
-    u, test_loss = mean_test_gradient(model, layout, tests.inputs, tests.targets)
-    chosen = _select_test_samples(per_test, int(tests.targets.shape[0]))
-    per_test_directions = None
-    if chosen.size:
-        index = torch.from_numpy(chosen)
-        per_test_directions = (
-            per_test_gradients(model, layout, tests.inputs[index], tests.targets[index])
-            .detach()
-            .cpu()
-            .numpy()
-        )
+    u, test_loss = mean_loss_gradient(model, layout, tests.inputs, tests.targets)
+    chosen = _select_test_samples(config.per_test, int(tests.targets.shape[0]))
+    per_test_directions = _per_test_directions(model, layout, tests, chosen)
     result = adjoint_contributions(
         trajectory, model, data.train, u[None], checkpoint=end, progress=progress
     )
-    arrays: dict[str, tuple[np.ndarray, tuple[str, ...], dict[str, Any]]] = {
-        "train": (np.arange(trajectory.n_train, dtype=np.int64), ("train",), {}),
-        "train_label": (data.train.targets.numpy().astype(np.int64), ("train",), {}),
-        "total_contribution_exact": (
-            result.exact[0],
-            ("train",),
-            {"long_name": "C(i) exact, reverse mode (Hessian kept)"},
-        ),
-        "total_contribution_approx": (
-            result.approx[0],
-            ("train",),
-            {"long_name": "C(i) approximate, reverse mode (Hessian dropped, Algorithm 1)"},
-        ),
-    }
+    arrays = _total_arrays(trajectory.n_train, data.train, result)
     if per_test_directions is not None:
-        exact, approx = _run_direction_chunks(path, per_test_directions, end, scheduler, progress)
-        arrays["test"] = (chosen, ("test",), {})
-        arrays["test_label"] = (tests.targets[torch.from_numpy(chosen)].numpy(), ("test",), {})
-        arrays["contribution_exact"] = (
-            exact.T,
-            ("train", "test"),
-            {"long_name": "C(i, j) exact, reverse mode"},
+        exact, approx = _run_direction_chunks(
+            path, per_test_directions, end, config.scheduler, progress
         )
-        arrays["contribution_approx"] = (
-            approx.T,
-            ("train", "test"),
-            {"long_name": "C(i, j) approximate, reverse mode"},
-        )
+        arrays.update(_per_test_arrays(chosen, tests, exact, approx))
     seconds = time.perf_counter() - started
     attrs = {
         "method": "hydra-exact (reverse mode)",
-        "test_set": test_set,
+        "config": _config_attrs(config),
+        "test_set": config.test_set,
         "checkpoint": end,
         "step": result.step,
         "n_train": trajectory.n_train,
@@ -494,7 +391,7 @@ def run_exact_analysis(
         "sign_convention": "positive: removing the sample would raise the test loss (it helps)",
     }
     name = f"{REVERSE_GROUP}/{tests.name}"
-    write_group_atomically(path, name, arrays, attrs)
+    write_result_group(path, name, arrays, attrs)
     return ExactAnalysisSummary(
         path=path,
         group=name,
@@ -510,62 +407,68 @@ def run_exact_analysis(
     )
 
 
-# -- writing -----------------------------------------------------------------------------------
+def _config_attrs(config: ReverseConfig) -> dict[str, Any]:
+    attrs = dict(config.__dict__)
+    if isinstance(config.per_test, tuple):
+        attrs["per_test"] = list(config.per_test)
+    return attrs
 
 
-def write_group_atomically(
-    path: str | Path,
-    name: str,
-    arrays: Mapping[str, tuple[np.ndarray, tuple[str, ...], Mapping[str, Any]]],
-    attrs: Mapping[str, Any],
-) -> None:
-    """Write a subgroup `name` (e.g. 'reverse/test') of the store: built as a sibling directory,
-    then swapped in by renames, so a reader never sees half a result; then re-consolidate.
+def _per_test_directions(
+    model: torch.nn.Module, layout: ParameterLayout, tests, chosen: np.ndarray
+) -> np.ndarray | None:
+    """The loss gradient of each chosen test sample, (K, P), or None when none is chosen."""
+    if not chosen.size:
+        return None
+    index = torch.from_numpy(chosen)
+    gradients = per_sample_loss_gradients(model, layout, tests.inputs[index], tests.targets[index])
+    return gradients.detach().cpu().numpy()
 
-    `arrays` maps a variable name to (data, dimension names, attributes).
-    """
-    root = Path(path)
-    parts = name.split("/")
-    group = zarr.open_group(root, mode="r+", use_consolidated=False)
-    for part in parts[:-1]:
-        group = group.require_group(part)
-    target = root.joinpath(*parts)
-    staging = target.parent / f"{parts[-1]}.partial-{uuid.uuid4().hex[:8]}"
-    out = zarr.open_group(staging, mode="w", zarr_format=3)
-    out.attrs.update(dict(attrs))
-    for var, (data, dims, var_attrs) in arrays.items():
-        data = np.asarray(data)
-        kwargs: dict[str, Any] = {}
-        dtype: Any = data.dtype
-        if data.dtype.kind == "f":
-            kwargs["compressors"] = FLOAT_CODEC
-        elif data.dtype.kind in "OUT":
-            dtype, data = str, data.astype(object)
-        array = out.create_array(
-            var,
-            shape=data.shape,
-            dtype=dtype,
-            chunks=data.shape if data.size else "auto",
-            dimension_names=dims,
-            attributes=dict(var_attrs),
-            **kwargs,
-        )
-        if data.size:
-            array[...] = data
-    old = None
-    if target.exists():
-        old = target.parent / f"{parts[-1]}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    consolidate(root)
+
+ArraySpec = tuple[np.ndarray, tuple[str, ...], dict[str, Any]]
+
+
+def _total_arrays(n_train: int, train: Split, result: AdjointResult) -> dict[str, ArraySpec]:
+    return {
+        "train": (np.arange(n_train, dtype=np.int64), ("train",), {}),
+        "train_label": (train.targets.numpy().astype(np.int64), ("train",), {}),
+        "total_contribution_exact": (
+            result.exact[0],
+            ("train",),
+            {"long_name": "C(i) exact, reverse mode (Hessian kept)"},
+        ),
+        "total_contribution_approx": (
+            result.approx[0],
+            ("train",),
+            {"long_name": "C(i) approximate, reverse mode (Hessian dropped, Algorithm 1)"},
+        ),
+    }
+
+
+def _per_test_arrays(
+    chosen: np.ndarray, tests, exact: np.ndarray, approx: np.ndarray
+) -> dict[str, ArraySpec]:
+    return {
+        "test": (chosen, ("test",), {}),
+        "test_label": (tests.targets[torch.from_numpy(chosen)].numpy(), ("test",), {}),
+        "contribution_exact": (
+            exact.T,
+            ("train", "test"),
+            {"long_name": "C(i, j) exact, reverse mode"},
+        ),
+        "contribution_approx": (
+            approx.T,
+            ("train", "test"),
+            {"long_name": "C(i, j) approximate, reverse mode"},
+        ),
+    }
+
+
+# -- reading ------------------------------------------------------------------------------------
 
 
 def read_reverse_group(path: str | Path, test_set: str = "test") -> zarr.Group | None:
     """The `reverse/<test set>` group of a store, or None when not computed yet."""
-    from hydra_store.testsets import group_name
-
     group = open_group(path)
     name = f"{REVERSE_GROUP}/{group_name(test_set)}"
     try:

@@ -10,29 +10,33 @@ the same batches and learning rates, and correlates each method's C(i) with the 
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from hydra_store.comparison import exact_totals, pearson, spearman, stored_methods
-from hydra_store.data import Split
+from hydra_store.analysis.comparison import exact_totals
+from hydra_store.analysis.methods import MethodRegistry, default_methods
+from hydra_store.analysis.metrics import pearson, spearman
+from hydra_store.analysis.reverse import flush_denormals
+from hydra_store.analysis.test_sets import group_name, resolve_test_set
+from hydra_store.arguments import SELECTIONS, ValidateConfig, resolve_config
+from hydra_store.core.gradients import evaluate, weighted_batch_gradient
+from hydra_store.core.parameters import get_flat_parameters, set_flat_parameters
+from hydra_store.core.sgd import SGDSettings, run_steps, sgd_optimizer
+from hydra_store.data.datasets import Split
 from hydra_store.errors import InvalidArgumentError
-from hydra_store.hypergradient import SGDSettings, per_sample_loss
-from hydra_store.parameters import get_flat_parameters, set_flat_parameters
-from hydra_store.replay import Trajectory, load_run_data, model_at_checkpoint
-from hydra_store.reverse import flush_denormals, write_group_atomically
-from hydra_store.store import open_group, require_complete
-from hydra_store.testsets import group_name, resolve_test_set
+from hydra_store.execution import map_tasks
+from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.trajectory import Trajectory
+from hydra_store.store.format import open_group, require_complete
+from hydra_store.store.groups import write_result_group
 
 Progress = Callable[[str, int, int], None]
-SELECTIONS = ("random", "influential", "mixed")
-
-_BUILD_LOCK = threading.Lock()
 
 
 def retrain_weighted(
@@ -61,42 +65,18 @@ def retrain_weighted(
     set_flat_parameters(model, layout, torch.from_numpy(trajectory.weights(0)).to(device, dtype))
     if np.any(trajectory.velocity(0) != 0):
         raise InvalidArgumentError("retraining needs checkpoint 0 at the start of training")
-    first = settings[0] if settings else SGDSettings(0.1, 0.0, 0.0)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=first.lr, momentum=first.momentum, weight_decay=first.weight_decay
-    )
-    named = dict(model.named_parameters())
-    params = [named[n] for n in layout.names]
+    optimizer = sgd_optimizer(model, layout, settings[0] if settings else None)
     inputs, targets = train.inputs, train.targets
-    for batch, s in zip(batches, settings, strict=True):
-        for group in optimizer.param_groups:
-            group.update(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    def gradient_of(batch: np.ndarray) -> torch.Tensor:
         index = torch.from_numpy(np.asarray(batch, dtype=np.int64))
-        x = inputs[index].to(device, dtype)
-        y = targets[index].to(device)
-        loss = (weights[index.to(device)] * per_sample_loss(model(x), y)).mean()
-        grads = torch.autograd.grad(loss, params)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        optimizer.step()
-        for p in params:
-            p.grad = None
+        x, y = inputs[index].to(device, dtype), targets[index].to(device)
+        return weighted_batch_gradient(model, layout, x, y, weights[index.to(device)])
+
+    steps = zip(batches, settings, strict=True)
+    for _ in run_steps(model, optimizer, layout, steps, gradient_of):
+        pass
     return get_flat_parameters(model, layout)
-
-
-def test_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean loss of the model on a test set."""
-    param = next(model.parameters())
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, int(targets.shape[0]), 1024):
-            x = inputs[start : start + 1024].to(param.device, param.dtype)
-            y = targets[start : start + 1024].to(param.device)
-            total += float(per_sample_loss(model(x), y).sum())
-    return total / max(1, int(targets.shape[0]))
-
-
-test_loss.__test__ = False  # not a pytest test
 
 
 @functools.lru_cache(maxsize=4)
@@ -113,8 +93,7 @@ def _context(path: str, test_set: str):
 def retrained_test_loss(path: str, test_set: str, weights: dict[int, float]) -> float:
     """One task: retrain with the given per-sample loss weights (others 1); the test loss."""
     trajectory, train, tests, batches, settings = _context(path, test_set)
-    with _BUILD_LOCK:
-        model = model_at_checkpoint(path, 0)
+    model = model_at_checkpoint(path, 0)
     sample_weights = np.ones(trajectory.n_train)
     for i, w in weights.items():
         sample_weights[i] = w
@@ -122,7 +101,7 @@ def retrained_test_loss(path: str, test_set: str, weights: dict[int, float]) -> 
         retrain_weighted(
             trajectory, model, train, sample_weights, batches=batches, settings=settings
         )
-    return test_loss(model, tests.inputs, tests.targets)
+    return evaluate(model, tests.inputs, tests.targets)[0]
 
 
 def choose_samples(exact: np.ndarray, count: int, selection: str, seed: int) -> np.ndarray:
@@ -181,69 +160,65 @@ class ValidationSummary:
 
 def run_validation(
     path: str | Path,
-    test_set: str = "test",
+    config: ValidateConfig | str = "test",
     *,
-    samples: int = 50,
-    selection: str = "random",
-    seed: int = 0,
-    scheduler: str | None = None,
     progress: Progress | None = None,
+    methods: MethodRegistry | None = None,
+    **options: Any,
 ) -> ValidationSummary:
     """Leave-one-out retraining of `samples` training samples (plus one unweighted baseline),
-    each an independent dask task; correlate every stored method with the measured changes and
-    write them to `reverse/<test set>/validation`."""
-    from distributed import as_completed
-
-    from hydra_store.scheduler import dask_scheduler
-
+    each an independent dask task; correlate the stored C(i) of every method in `methods`
+    (default: the built-in ones) with the measured changes and write them to
+    `reverse/<test set>/validation`. `config` is a ValidateConfig, or the test set's name with
+    its fields as keyword options."""
+    config = resolve_config(ValidateConfig, config, options)
+    config.validate()
     started = time.perf_counter()
     path = Path(path)
     require_complete(open_group(path), path)
-    if selection not in SELECTIONS:
-        raise InvalidArgumentError(
-            f"--selection must be one of {', '.join(SELECTIONS)}, got {selection!r}"
-        )
-    exact, approx, _ = exact_totals(path, test_set, progress)
+    exact, _, _ = exact_totals(path, config.test_set, progress)
     _context.cache_clear()  # the store may have changed since an earlier call in this process
-    chosen = choose_samples(exact, samples, selection, seed)
-    jobs: list[dict[int, float]] = [{}] + [{int(i): 0.0} for i in chosen]
-    losses: list[float | None] = [None] * len(jobs)
-    description = "leave-one-out retraining"
-    with dask_scheduler(scheduler) as client:
-        if client is None:
-            import dask
-
-            lock = threading.Lock()
-            finished = [0]
-
-            def task(job: dict[int, float]) -> float:
-                loss = retrained_test_loss(str(path), test_set, job)
-                with lock:
-                    finished[0] += 1
-                    if progress is not None:
-                        progress(description, finished[0], len(jobs))
-                return loss
-
-            losses = list(dask.compute(*[dask.delayed(task, pure=False)(j) for j in jobs]))
-        else:
-            futures = [
-                client.submit(retrained_test_loss, str(path), test_set, job, pure=False)
-                for job in jobs
-            ]
-            order = {f.key: n for n, f in enumerate(futures)}
-            for done, future in enumerate(as_completed(futures), start=1):
-                losses[order[future.key]] = future.result()
-                if progress is not None:
-                    progress(description, done, len(jobs))
+    chosen = choose_samples(exact, config.samples, config.selection, config.seed)
+    jobs = [{}] + [{int(i): 0.0} for i in chosen]
+    losses = map_tasks(
+        retrained_test_loss,
+        [(str(path), config.test_set, job) for job in jobs],
+        scheduler=config.scheduler,
+        progress=progress,
+        description="leave-one-out retraining",
+    )
     base = float(losses[0])
     change = np.array(losses[1:], dtype=np.float64) - base
-    methods = {
-        "hydra-exact (reverse mode)": (np.arange(exact.size), exact),
-        "hydra-approx (reverse mode)": (np.arange(exact.size), approx),
+    totals = (methods or default_methods()).totals(path, config.test_set)
+    correlations, arrays = _correlate(chosen, change, totals)
+    name = group_name(config.test_set)
+    attrs = {
+        "config": asdict(config),
+        "selection": config.selection,
+        "seed": config.seed,
+        "base_test_loss": base,
+        "correlations": [c.__dict__ for c in correlations],
     }
-    methods.update(stored_methods(path, test_set))
+    write_result_group(path, f"reverse/{name}/validation", arrays, attrs)
+    return ValidationSummary(
+        path=path,
+        test_set=name,
+        samples=chosen,
+        selection=config.selection,
+        base_loss=base,
+        loss_change=change,
+        correlations=correlations,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _correlate(
+    chosen: np.ndarray, change: np.ndarray, totals: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[list[MethodCorrelation], dict[str, tuple[np.ndarray, tuple[str, ...], dict]]]:
+    """Each method's predicted C(i) of the chosen samples, and its correlation with the measured
+    changes (methods that cover fewer than two of the samples get no correlation)."""
     correlations = []
-    arrays = {
+    arrays: dict[str, tuple[np.ndarray, tuple[str, ...], dict]] = {
         "validation_sample": (chosen, ("validation_sample",), {}),
         "loss_change": (
             change,
@@ -251,7 +226,7 @@ def run_validation(
             {"long_name": "test loss without the sample minus test loss with it"},
         ),
     }
-    for method, (index, values) in methods.items():
+    for method, (index, values) in totals.items():
         lookup = dict(zip(index.tolist(), values.tolist(), strict=True))
         keep = np.array([int(i) in lookup for i in chosen])
         predicted = np.array([lookup.get(int(i), np.nan) for i in chosen])
@@ -266,21 +241,4 @@ def run_validation(
             )
         safe = "".join(c if c.isalnum() else "_" for c in method.split(" ")[0])
         arrays[f"predicted_{safe}"] = (predicted, ("validation_sample",), {"method": method})
-    name = group_name(test_set)
-    attrs = {
-        "selection": selection,
-        "seed": seed,
-        "base_test_loss": base,
-        "correlations": [c.__dict__ for c in correlations],
-    }
-    write_group_atomically(path, f"reverse/{name}/validation", arrays, attrs)
-    return ValidationSummary(
-        path=path,
-        test_set=name,
-        samples=chosen,
-        selection=selection,
-        base_loss=base,
-        loss_change=change,
-        correlations=correlations,
-        seconds=time.perf_counter() - started,
-    )
+    return correlations, arrays

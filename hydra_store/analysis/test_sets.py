@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from hydra_store.data import Split, load_dataset
+from hydra_store.data.datasets import Split, load_dataset
 from hydra_store.errors import AnalysisError
-from hydra_store.replay import RunData, load_run_data, recorded_config
+from hydra_store.replay.recorded_run import RunData, load_run_data, recorded_config
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def resolve_test_set(path: str | Path, spec: str = "test", run: RunData | None =
             )
         split = bundle.validation
     else:
-        from hydra_store.store import open_group
+        from hydra_store.store.format import open_group
 
         config = recorded_config(open_group(path))
         other = load_dataset(spec, data_root=config.data_root, seed=config.seed)

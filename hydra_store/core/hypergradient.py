@@ -1,165 +1,28 @@
-"""The HyDRA hypergradient recurrences (DESIGN.md section 1): pure torch, no I/O.
+"""The HyDRA hypergradient recurrences (docs/design.md, "The math"): pure torch, no I/O.
 
-Training is torch.optim.SGD with momentum p, weight decay lambda, dampening 0, no Nesterov:
-
-    d = g_batch(w_{t-1}) + lambda w_{t-1};  v_t = p v_{t-1} + d;  w_t = w_{t-1} - eta_t v_t
-
-and per tracked sample i, with h = dw/d eps_i and m = dv/d eps_i:
+Per tracked sample i, with h = dw/d eps_i and m = dv/d eps_i (see hydra_store.core.sgd for the
+SGD step):
 
     m_t = p m_{t-1} + (H_{t-1} + lambda I) h_{t-1} + [i in batch_t] (N / B_t) g_{t,i}
     h_t = h_{t-1} - eta_t m_t
 
 `ApproximateHypergradient` drops H (the paper's Algorithm 1) and updates a sample only when it is
-in a batch; `ExactHypergradient` keeps H through Hessian-vector products.
+in a batch; `ExactHypergradient` keeps H through Hessian-vector products. Both reach their state
+only through the `TrackedState` interface.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
+from hydra_store.core.gradients import batch_loss_function, hessian_vector_products
+from hydra_store.core.parameters import ParameterLayout
+from hydra_store.core.sgd import SGDSettings, transition_matrix
+from hydra_store.core.state import TrackedState
 from hydra_store.errors import InvalidArgumentError, UnsupportedOptimizerError
-from hydra_store.parameters import ParameterLayout
-from hydra_store.state import TrackedState
-
-
-@dataclass(frozen=True)
-class SGDSettings:
-    """The coefficients of one SGD step, read from the optimizer just before the step."""
-
-    lr: float
-    momentum: float
-    weight_decay: float
-
-
-def read_sgd_settings(optimizer: torch.optim.Optimizer) -> SGDSettings:
-    """Read (and check) lr, momentum and weight decay from an SGD optimizer's param groups.
-
-    Raises UnsupportedOptimizerError for anything the HyDRA recurrence does not model.
-    """
-    if not isinstance(optimizer, torch.optim.SGD):
-        raise UnsupportedOptimizerError(
-            f"HyDRA models plain SGD (with momentum and weight decay); got "
-            f"{type(optimizer).__name__}. Use torch.optim.SGD"
-        )
-    settings = set()
-    for group in optimizer.param_groups:
-        if group.get("nesterov", False):
-            raise UnsupportedOptimizerError(
-                "Nesterov momentum is not supported: set nesterov=False"
-            )
-        if group.get("dampening", 0) != 0:
-            raise UnsupportedOptimizerError("SGD dampening is not supported: set dampening=0")
-        if group.get("maximize", False):
-            raise UnsupportedOptimizerError("maximize=True is not supported: set maximize=False")
-        lr = group["lr"]
-        lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
-        settings.add((lr, float(group["momentum"]), float(group["weight_decay"])))
-    if len(settings) != 1:
-        raise UnsupportedOptimizerError(
-            "all SGD param groups must share lr, momentum and weight decay; got "
-            f"{sorted(settings)}. Use one param group"
-        )
-    lr, momentum, weight_decay = settings.pop()
-    if not lr > 0 or not np.isfinite(lr):
-        raise UnsupportedOptimizerError(f"the learning rate must be positive and finite, got {lr}")
-    if not 0 <= momentum < 1:
-        raise UnsupportedOptimizerError(f"momentum must be in [0, 1), got {momentum}")
-    if weight_decay < 0:
-        raise UnsupportedOptimizerError(f"weight decay must be >= 0, got {weight_decay}")
-    return SGDSettings(lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def transition_matrix(settings: SGDSettings) -> np.ndarray:
-    """M_t with (h_t, m_t) = M_t (h_{t-1}, m_{t-1}) for a sample outside the batch (no Hessian)."""
-    eta, p, lam = settings.lr, settings.momentum, settings.weight_decay
-    return np.array([[1.0 - eta * lam, -eta * p], [lam, p]], dtype=np.float64)
-
-
-def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The training loss of each sample: cross-entropy on logits."""
-    return F.cross_entropy(logits, targets, reduction="none")
-
-
-class PerSampleGradients:
-    """Per-sample loss gradients of a model with torch.func, written into a reused (B, P) buffer.
-
-    Reusing the buffer matters: a fresh 10-50 MB allocation per step is returned to the OS and
-    mapped again by glibc every step, which costs more than the arithmetic (DESIGN.md section 5).
-    """
-
-    def __init__(self, model: torch.nn.Module, layout: ParameterLayout) -> None:
-        self.model = model
-        self.layout = layout
-        self._buffer: torch.Tensor | None = None
-
-        def sample_loss(params, buffers, x, y):
-            logits = functional_call(model, (params, buffers), (x.unsqueeze(0),))
-            return per_sample_loss(logits, y.unsqueeze(0)).squeeze(0)
-
-        self._grad = vmap(grad_and_value(sample_loss), in_dims=(None, None, 0, 0))
-
-    def parameters(self) -> dict[str, torch.Tensor]:
-        named = dict(self.model.named_parameters())
-        return {n: named[n].detach() for n in self.layout.names}
-
-    def __call__(
-        self, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (losses (B,), gradients (B, P)); the gradients live in a reused buffer."""
-        batch = inputs.shape[0]
-        buffers = {n: b.detach() for n, b in self.model.named_buffers()}
-        grads, losses = self._grad(self.parameters(), buffers, inputs, targets)
-        ref = next(iter(grads.values()))
-        if (
-            self._buffer is None
-            or self._buffer.shape[0] < batch
-            or self._buffer.dtype != ref.dtype
-            or self._buffer.device != ref.device
-        ):
-            self._buffer = torch.empty(
-                batch, self.layout.n_params, dtype=ref.dtype, device=ref.device
-            )
-        out = self._buffer[:batch]
-        self.layout.flatten_batched(grads, out)
-        return losses.detach(), out
-
-
-def per_sample_loss_function(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-sample training losses (B,) of one batch as a function of the flat parameters."""
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def losses(flat: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
-        return per_sample_loss(logits, targets)
-
-    return losses
-
-
-def batch_loss_function(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The mean training loss of one batch as a function of the flat parameter vector."""
-    losses = per_sample_loss_function(model, layout, inputs, targets)
-    return lambda flat: losses(flat).mean()
-
-
-def hessian_vector_products(
-    loss: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor, vectors: torch.Tensor
-) -> torch.Tensor:
-    """H(point) @ v for each row v of `vectors` (forward-over-reverse, vmapped)."""
-
-    def hvp(v):
-        return jvp(grad(loss), (point,), (v,))[1]
-
-    return vmap(hvp)(vectors)
 
 
 @dataclass
@@ -323,7 +186,8 @@ class ExactHypergradient:
     """The Hessian-aware recurrence: every tracked sample, every step, one HVP each.
 
     For hundreds to thousands of tracked samples; the gold standard the approximation is judged
-    against. HVPs are vmapped over chunks of `chunk_size` rows.
+    against. Rows are read, advanced and written back in blocks of `chunk_size` through the
+    `TrackedState` interface (HVPs vmapped over a block), so any state backend serves.
     """
 
     def __init__(
@@ -335,8 +199,14 @@ class ExactHypergradient:
         *,
         chunk_size: int = 32,
     ) -> None:
-        if not hasattr(state, "h"):
-            raise InvalidArgumentError("the exact recurrence needs an in-memory tracked state")
+        if selection.n_rows != state.n_rows:
+            raise InvalidArgumentError("state rows and tracked selection differ in size")
+        if state.width != layout.n_params:
+            raise InvalidArgumentError(
+                "the exact recurrence needs the full hypergradient (its Hessian-vector products "
+                f"act on all {layout.n_params} parameters); the state tracks {state.width}. "
+                "Record the exact mode without a projection"
+            )
         self.state = state
         self.selection = selection
         self.model = model
@@ -360,23 +230,25 @@ class ExactHypergradient:
             )
         batch_index = np.asarray(batch_index, dtype=np.int64)
         loss = batch_loss_function(self.model, self.layout, inputs, targets)
-        h, m = self.state.h, self.state.m
         p, lam, eta = settings.momentum, settings.weight_decay, settings.lr
-        new_m = torch.empty_like(h)
-        for start in range(0, h.shape[0], self.chunk_size):
-            block = h[start : start + self.chunk_size]
-            hv = hessian_vector_products(loss, weights_before, block)
-            hv.add_(block, alpha=lam)
-            if m is not None:
-                hv.add_(m[start : start + self.chunk_size], alpha=p)
-            new_m[start : start + self.chunk_size] = hv
         batch = self.selection.batch_rows(batch_index, gradients)
-        if batch is not None:
-            scale = self.selection.n_train / batch_index.size
-            new_m.index_add_(0, batch.rows, batch.gradients, alpha=scale)
-        h.add_(new_m, alpha=-eta)
-        if m is not None:
-            m.copy_(new_m)
+        scale = self.selection.n_train / batch_index.size
+        rows = None if batch is None else batch.rows.cpu().numpy()
+        for start in range(0, self.state.n_rows, self.chunk_size):
+            stop = min(self.state.n_rows, start + self.chunk_size)
+            h = self.state.read_rows(start, stop)
+            new_m = hessian_vector_products(loss, weights_before, h)
+            new_m.add_(h, alpha=lam)
+            if self.state.has_momentum:
+                new_m.add_(self.state.read_momentum_rows(start, stop), alpha=p)
+            if rows is not None:
+                inside = np.nonzero((rows >= start) & (rows < stop))[0]
+                if inside.size:
+                    local = torch.as_tensor(rows[inside] - start, device=new_m.device)
+                    picked = batch.gradients[torch.as_tensor(inside, device=new_m.device)]
+                    new_m.index_add_(0, local, picked.to(new_m.dtype), alpha=scale)
+            h_new = h - eta * new_m
+            self.state.write_rows(start, stop, h_new, new_m if self.state.has_momentum else None)
         self.step_count += 1
 
     def hypergradient_rows(self, start: int, stop: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hydra_store.store import open_group
+from hydra_store.store.format import open_group
 
 
 def describe_store(path: str | Path) -> list[str]:

@@ -1,25 +1,29 @@
-"""Where the tracked hypergradient state lives.
+"""Where the tracked hypergradient state lives: the tracked-state seam.
 
 The approximate and exact recurrences only ever touch the state through `TrackedState`: an
-affine update of some rows `(h, m) <- A_r (h, m) + (alpha_r, beta_r) g_r`, and reads of row blocks.
-In-memory, budgeted (out-of-core) and projected states are implementations of this one interface.
+affine update of some rows `(h, m) <- A_r (h, m) + (alpha_r, beta_r) g_r`, reads of row blocks,
+and (for the exact recurrence) writes of row blocks. A backend is any implementation of it; the
+recorder builds one through a `StateFactory` (default: `InMemoryTrackedState`). How to add one:
+docs/design.md, "Adding a state backend".
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol
 
 import torch
 
+from hydra_store.core.kernels import update_rows_cpu
 from hydra_store.errors import InvalidArgumentError
-from hydra_store.kernels import update_rows_cpu
 
 
 class TrackedState(ABC):
-    """Per tracked sample: `h = dw/d eps_i` and, with momentum, `m = dv/d eps_i`."""
+    """Per tracked sample: `h = dw/d eps_i` and, with momentum, `m = dv/d eps_i`, each a vector
+    of `width` entries (the parameters, or their projection)."""
 
     n_rows: int
-    n_params: int
+    width: int
     has_momentum: bool
     dtype: torch.dtype
     device: torch.device
@@ -47,10 +51,33 @@ class TrackedState(ABC):
     def read_momentum_rows(self, start: int, stop: int) -> torch.Tensor:
         """m of rows [start, stop); zeros when the state has no momentum."""
 
+    @abstractmethod
+    def write_rows(self, start: int, stop: int, h: torch.Tensor, m: torch.Tensor | None) -> None:
+        """Replace h (and m, with momentum) of rows [start, stop)."""
+
     @property
     def nbytes(self) -> int:
-        per = torch.empty((), dtype=self.dtype).element_size()
-        return self.n_rows * self.n_params * per * (2 if self.has_momentum else 1)
+        return state_nbytes(self.n_rows, self.width, self.has_momentum, self.dtype)
+
+
+def state_nbytes(n_rows: int, width: int, has_momentum: bool, dtype: torch.dtype) -> int:
+    """Bytes of a dense state: rows x width x itemsize, twice with momentum."""
+    per = torch.empty((), dtype=dtype).element_size()
+    return n_rows * width * per * (2 if has_momentum else 1)
+
+
+class StateFactory(Protocol):
+    """Builds the tracked state of a recording (the recorder calls it once per recurrence)."""
+
+    def __call__(
+        self,
+        n_rows: int,
+        width: int,
+        *,
+        has_momentum: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> TrackedState: ...
 
 
 class InMemoryTrackedState(TrackedState):
@@ -59,25 +86,25 @@ class InMemoryTrackedState(TrackedState):
     def __init__(
         self,
         n_rows: int,
-        n_params: int,
+        width: int,
         *,
         has_momentum: bool,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        if n_rows <= 0 or n_params <= 0:
+        if n_rows <= 0 or width <= 0:
             raise InvalidArgumentError(
-                f"tracked state needs at least one row and one parameter, got {n_rows}x{n_params}"
+                f"tracked state needs at least one row and one column, got {n_rows}x{width}"
             )
-        self.n_rows, self.n_params = n_rows, n_params
+        self.n_rows, self.width = n_rows, width
         self.has_momentum = has_momentum
         self.dtype = dtype
         self.device = torch.device(device)
         self._scratch: torch.Tensor | None = None
         try:
-            self.h = torch.zeros(n_rows, n_params, dtype=dtype, device=self.device)
+            self.h = torch.zeros(n_rows, width, dtype=dtype, device=self.device)
             self.m = (
-                torch.zeros(n_rows, n_params, dtype=dtype, device=self.device)
+                torch.zeros(n_rows, width, dtype=dtype, device=self.device)
                 if has_momentum
                 else None
             )
@@ -104,7 +131,7 @@ class InMemoryTrackedState(TrackedState):
     ) -> None:
         if self.device.type == "cpu":
             self._update_fused(rows, transition, injection, gradients)
-        elif self.n_params >= self.ROWWISE_MIN_PARAMS:
+        elif self.width >= self.ROWWISE_MIN_PARAMS:
             self._update_rowwise(rows, transition, injection, gradients)
         else:
             self._update_block(rows, transition, injection, gradients)
@@ -153,7 +180,7 @@ class InMemoryTrackedState(TrackedState):
                     h.add_(gradients[k], alpha=injected[k][0])
             return
         if self._scratch is None:
-            self._scratch = torch.empty(self.n_params, dtype=self.dtype, device=self.device)
+            self._scratch = torch.empty(self.width, dtype=self.dtype, device=self.device)
         old_h = self._scratch
         for k, r in enumerate(row_list):
             (a, b), (c, d) = coefficients[k]
@@ -172,3 +199,8 @@ class InMemoryTrackedState(TrackedState):
         if self.m is None:
             return torch.zeros_like(self.h[start:stop])
         return self.m[start:stop]
+
+    def write_rows(self, start: int, stop: int, h: torch.Tensor, m: torch.Tensor | None) -> None:
+        self.h[start:stop].copy_(h)
+        if self.m is not None and m is not None:
+            self.m[start:stop].copy_(m)

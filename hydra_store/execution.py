@@ -1,10 +1,13 @@
-"""Which dask scheduler runs an analysis: local threads, a LocalCluster, or a running
-dask.distributed scheduler at an address."""
+"""Where dask work runs: local threads, a LocalCluster, or a running dask.distributed scheduler
+at an address (`dask_scheduler`), and the one fan-out of independent tasks every analysis uses
+(`map_tasks`)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import dask
 
@@ -57,3 +60,49 @@ def dask_scheduler(
         ) from error
     with client:
         yield client
+
+
+T = TypeVar("T")
+
+
+def map_tasks(
+    function: Callable[..., T],
+    arguments: Sequence[tuple[Any, ...]],
+    *,
+    scheduler: str | None = "threads",
+    progress: Callable[[str, int, int], None] | None = None,
+    description: str = "tasks",
+) -> list[T]:
+    """`[function(*args) for args in arguments]`, each call an independent dask task on the
+    scheduler named by `scheduler`, in the order of `arguments`, reporting
+    `progress(description, finished, total)` as tasks finish.
+
+    On a cluster `function` and its arguments are pickled to worker processes: it must be a
+    module-level function that loads what it needs itself.
+    """
+    total = len(arguments)
+    with dask_scheduler(scheduler) as client:
+        if client is None:
+            lock = threading.Lock()
+            finished = [0]
+
+            def task(*args: Any) -> T:
+                result = function(*args)
+                with lock:
+                    finished[0] += 1
+                    if progress is not None:
+                        progress(description, finished[0], total)
+                return result
+
+            tasks = [dask.delayed(task, pure=False)(*args) for args in arguments]
+            return list(dask.compute(*tasks))
+        from distributed import as_completed
+
+        futures = [client.submit(function, *args, pure=False) for args in arguments]
+        order = {future.key: n for n, future in enumerate(futures)}
+        results: list[Any] = [None] * total
+        for done, future in enumerate(as_completed(futures), start=1):
+            results[order[future.key]] = future.result()
+            if progress is not None:
+                progress(description, done, total)
+        return results

@@ -25,29 +25,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from hydra_store.errors import InvalidArgumentError, UnsupportedOptimizerError
-from hydra_store.hypergradient import (
+from hydra_store.arguments import MODES
+from hydra_store.core.gradients import PerSampleGradients, batch_gradient
+from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
     ExactHypergradient,
-    PerSampleGradients,
-    SGDSettings,
     TrackedSelection,
-    per_sample_loss,
+)
+from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
+from hydra_store.core.projection import IdentityProjector, Projector
+from hydra_store.core.sgd import (
+    SGDSettings,
+    check_optimizer_covers_model,
     read_sgd_settings,
+    sgd_step,
+    velocity_of,
 )
-from hydra_store.models import check_supported_model
-from hydra_store.parameters import ParameterLayout, get_flat_parameters
-from hydra_store.state import InMemoryTrackedState
-from hydra_store.store import (
-    STATUS_COMPLETE,
-    STATUS_FAILED,
-    RecordingStore,
-    consolidate,
-    matrix_chunks,
-    now_iso,
-)
-
-MODES = ("approximate", "exact", "both", "trajectory")
+from hydra_store.core.state import InMemoryTrackedState, StateFactory
+from hydra_store.data.models import check_supported_model
+from hydra_store.errors import InvalidArgumentError
+from hydra_store.store.arrays import matrix_chunks
+from hydra_store.store.format import STATUS_COMPLETE, STATUS_FAILED, consolidate, now_iso
+from hydra_store.store.writer import RecordingStore
 
 
 def software_versions() -> dict[str, str]:
@@ -66,69 +65,6 @@ def software_versions() -> dict[str, str]:
         "dask": dask.__version__,
         "xarray": xarray.__version__,
     }
-
-
-def check_optimizer_covers_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    model_params = {id(p) for p in model.parameters() if p.requires_grad}
-    opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    if model_params != opt_params:
-        raise UnsupportedOptimizerError(
-            "the optimizer must update exactly the model's trainable parameters; pass "
-            "model.parameters() to torch.optim.SGD"
-        )
-
-
-def velocity_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module, layout: ParameterLayout):
-    """The SGD momentum buffers as one flat vector (zeros before the first step)."""
-    named = dict(model.named_parameters())
-    parts = []
-    for name in layout.names:
-        buf = optimizer.state.get(named[name], {}).get("momentum_buffer")
-        parts.append(
-            torch.zeros_like(named[name]).reshape(-1) if buf is None else buf.detach().reshape(-1)
-        )
-    return torch.cat(parts)
-
-
-def sgd_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    layout: ParameterLayout,
-    gradients: torch.Tensor,
-) -> None:
-    """Take the optimizer step with the mean of the per-sample gradients as the gradient."""
-    mean = gradients.mean(dim=0)
-    named = dict(model.named_parameters())
-    for name, view in layout.unflatten(mean).items():
-        named[name].grad = view
-    optimizer.step()
-    for name in layout.names:
-        named[name].grad = None
-
-
-def batch_gradient(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sample losses, the batch's mean gradient as a (1, P) tensor) by one backward pass:
-    what a trajectory-only recording costs, plain training."""
-    losses = per_sample_loss(model(inputs), targets)
-    params = [dict(model.named_parameters())[n] for n in layout.names]
-    grads = torch.autograd.grad(losses.mean(), params)
-    return losses.detach(), torch.cat([g.reshape(-1) for g in grads])[None]
-
-
-def step_gradients(
-    model: torch.nn.Module,
-    layout: ParameterLayout,
-    per_sample: PerSampleGradients,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    method: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients a recorded step used, by the method the store names in `step_gradient`."""
-    if method == "batch_backward":
-        return batch_gradient(model, layout, inputs, targets)
-    return per_sample(inputs, targets)
 
 
 @dataclass(frozen=True)
@@ -164,6 +100,11 @@ class HydraRecorder:
             (checkpoint, sample, param); written in the background while training goes on.
         flush_seconds: at most this long between writes of the buffered trajectory and
             checkpoints to the store (a crash loses at most that much of the record).
+        overwrite: replace an existing store at `store`.
+        state_factory: builds the tracked state of each recurrence (the tracked-state seam;
+            default `InMemoryTrackedState`).
+        projector: the linear map the tracked vectors are an image of (the projector seam;
+            default: none, the full hypergradient). The exact mode needs the identity.
     """
 
     def __init__(
@@ -184,51 +125,31 @@ class HydraRecorder:
         hypergradient_history: bool = False,
         flush_seconds: float = 5.0,
         overwrite: bool = False,
+        state_factory: StateFactory = InMemoryTrackedState,
+        projector: Projector | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if not isinstance(n_train, int) or n_train <= 0:
-            raise InvalidArgumentError(f"n_train must be a positive integer, got {n_train!r}")
-        if checkpoint_every < 1:
-            raise InvalidArgumentError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self._check_arguments(n_train, mode, checkpoint_every, hypergradient_history)
         check_supported_model(model)
         check_optimizer_covers_model(model, optimizer)
         settings = read_sgd_settings(optimizer)
         self.model, self.optimizer, self.mode = model, optimizer, mode
         self.layout = ParameterLayout.from_model(model)
+        self.projector = projector or IdentityProjector(self.layout.n_params)
+        if self.projector.n_params != self.layout.n_params:
+            raise InvalidArgumentError(
+                f"the projector maps {self.projector.n_params} parameters; the model has "
+                f"{self.layout.n_params}"
+            )
         tracked_index = np.arange(n_train) if tracked is None else np.asarray(tracked, np.int64)
         self.selection = TrackedSelection(n_train, tracked_index)
         self.n_train = n_train
         self.checkpoint_every = checkpoint_every
-        if hypergradient_history and mode == "trajectory":
-            raise InvalidArgumentError("a trajectory-only recording has no hypergradient history")
         self.hypergradient_history = hypergradient_history
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
-        state_dtype = state_dtype or self.dtype
         labels = self._labels(train_labels, "train_labels")
         clean = self._labels(clean_labels, "clean_labels")
-
-        has_momentum = settings.momentum != 0
-        self.approximate = self.exact = None
-        if mode in ("approximate", "both"):
-            state = InMemoryTrackedState(
-                self.selection.n_rows,
-                self.layout.n_params,
-                has_momentum=has_momentum,
-                dtype=state_dtype,
-                device=self.device,
-            )
-            self.approximate = ApproximateHypergradient(state, self.selection)
-        if mode in ("exact", "both"):
-            exact_state = InMemoryTrackedState(
-                self.selection.n_rows,
-                self.layout.n_params,
-                has_momentum=has_momentum,
-                dtype=state_dtype,
-                device=self.device,
-            )
-            self.exact = ExactHypergradient(exact_state, self.selection, model, self.layout)
+        self._build_trackers(state_factory, state_dtype or self.dtype, settings.momentum != 0)
         self.per_sample = PerSampleGradients(model, self.layout)
 
         self.store = RecordingStore(store, overwrite=overwrite)
@@ -238,14 +159,55 @@ class HydraRecorder:
         self.step_count = 0
         self.epoch = 0
         self._pending: dict[str, list] = {k: [] for k in self._STEP_VARIABLES}
+        self._pending_blocks: dict[str, list] = {k: [] for k in self._BLOCK_VARIABLES}
         self._epoch_losses: list[float] = []
         self._epoch_samples = 0
         self.epochs: list[EpochRecord] = []
-        self._label_seen = labels is None
-        self._pending_blocks: dict[str, list] = {k: [] for k in self._BLOCK_VARIABLES}
+        # Labels of the tracked rows as seen in batches, when none were given.
+        self._batch_labels = None if labels is not None else np.full(self.selection.n_rows, -1)
         self.flush_seconds = flush_seconds
         self._checkpoint(epoch=0)
         self._flush()
+
+    @staticmethod
+    def _check_arguments(
+        n_train: int, mode: str, checkpoint_every: int, hypergradient_history: bool
+    ) -> None:
+        if mode not in MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not isinstance(n_train, int) or n_train <= 0:
+            raise InvalidArgumentError(f"n_train must be a positive integer, got {n_train!r}")
+        if checkpoint_every < 1:
+            raise InvalidArgumentError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if hypergradient_history and mode == "trajectory":
+            raise InvalidArgumentError("a trajectory-only recording has no hypergradient history")
+
+    def _build_trackers(
+        self, state_factory: StateFactory, state_dtype: torch.dtype, has_momentum: bool
+    ) -> None:
+        """The approximate and/or exact recurrence of the mode, each over its own state."""
+
+        def new_state(width: int):
+            return state_factory(
+                self.selection.n_rows,
+                width,
+                has_momentum=has_momentum,
+                dtype=state_dtype,
+                device=self.device,
+            )
+
+        self.approximate = self.exact = None
+        if self.mode in ("approximate", "both"):
+            state = new_state(self.projector.width)
+            self.approximate = ApproximateHypergradient(state, self.selection)
+        if self.mode in ("exact", "both"):
+            if not self.projector.is_identity:
+                raise InvalidArgumentError(
+                    "the exact mode tracks full hypergradients (Hessian-vector products need "
+                    "every parameter); record it without a projection"
+                )
+            state = new_state(self.layout.n_params)
+            self.exact = ExactHypergradient(state, self.selection, self.model, self.layout)
 
     _STEP_VARIABLES = ("batch_index", "lr", "momentum", "weight_decay", "step_epoch", "batch_loss")
 
@@ -311,6 +273,8 @@ class HydraRecorder:
                 **dict(attrs or {}),
             }
         )
+        if not self.projector.is_identity:
+            s.update_attrs({"projection": self.projector.to_attrs()})
 
     @property
     def _weights_dtype(self):
@@ -363,10 +327,10 @@ class HydraRecorder:
             weights_before = get_flat_parameters(self.model, self.layout)
             self.exact.step(weights_before, inputs, targets, index, gradients, settings)
         if self.approximate is not None:
-            self.approximate.step(index, gradients, settings)
+            self.approximate.step(index, self.projector.project(gradients), settings)
         sgd_step(self.model, self.optimizer, self.layout, gradients)
-        if not self._label_seen:
-            self._fill_labels(index, targets)
+        if self._batch_labels is not None:
+            self._note_labels(index, targets)
         self.step_count += 1
         loss = float(losses.mean())
         self._buffer_step(index, settings, loss)
@@ -374,13 +338,11 @@ class HydraRecorder:
         self._epoch_samples += index.size
         return loss
 
-    def _fill_labels(self, index: np.ndarray, targets: torch.Tensor) -> None:
+    def _note_labels(self, index: np.ndarray, targets: torch.Tensor) -> None:
         rows = self.selection.row_of[index]
         keep = rows >= 0
         if keep.any():
-            if not hasattr(self, "_seen_labels"):
-                self._seen_labels = np.full(self.selection.n_rows, -1, dtype=np.int64)
-            self._seen_labels[rows[keep]] = targets.cpu().numpy()[keep]
+            self._batch_labels[rows[keep]] = targets.cpu().numpy()[keep]
 
     def _buffer_step(self, index: np.ndarray, settings: SGDSettings, loss: float) -> None:
         p = self._pending
@@ -441,10 +403,15 @@ class HydraRecorder:
                 self.store.append_rows(
                     f"{name}_history",
                     self.selection.n_rows,
-                    self.layout.n_params,
+                    tracker.state.width,
                     lambda a, b, tr=tracker: tr.hypergradient_rows(a, b).detach().cpu().numpy(),
+                    dims=("checkpoint", "sample", self._dim(name)),
                     attrs={"long_name": "dw_t/d eps_i at each checkpoint"},
                 )
+
+    def _dim(self, name: str) -> str:
+        """The name of the tracked vectors' axis: `param`, or the projection's."""
+        return self.projector.dim if name == "hypergradient" else "param"
 
     def _trackers(self):
         return [
@@ -499,14 +466,15 @@ class HydraRecorder:
         if self._last_checkpoint_step != self.step_count:
             self._checkpoint(self.epoch)
         self._flush()
-        if hasattr(self, "_seen_labels"):
-            self.store.group["label"][:] = self._seen_labels
+        if self._batch_labels is not None:
+            self.store.group["label"][:] = self._batch_labels
         for name, tracker in self._trackers():
             self.store.write_rows(
                 name,
                 self.selection.n_rows,
-                self.layout.n_params,
+                tracker.state.width,
                 lambda a, b, tr=tracker: tr.hypergradient_rows(a, b).detach().cpu().numpy(),
+                dims=("sample", self._dim(name)),
                 attrs={"step": self.step_count, "long_name": "dw_T/d eps_i"},
                 progress=progress,
             )

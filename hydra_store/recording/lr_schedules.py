@@ -6,45 +6,9 @@ torch.optim.lr_scheduler objects; a user's own scheduler works the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from hydra_store.errors import InvalidArgumentError
-
-SCHEDULES = ("constant", "step", "exponential", "plateau", "cosine")
-
-
-@dataclass(frozen=True)
-class ScheduleSpec:
-    """`step`: multiply by `decay` every `step_epochs` epochs (paper, MNIST: 0.1 at epoch 5).
-    `exponential`: multiply by `decay` every epoch. `plateau`: multiply by `decay` when the
-    monitored loss has not improved by more than 0.01% of its best value for `patience` epochs
-    (paper, Fashion-MNIST: 0.5, 2 epochs). `cosine`: cosine annealing to 0, stepped every step.
-    """
-
-    name: str = "step"
-    decay: float | None = None
-    step_epochs: int = 5
-    patience: int = 2
-
-    def resolved_decay(self) -> float:
-        if self.decay is not None:
-            return self.decay
-        return {"step": 0.1, "exponential": 0.95, "plateau": 0.5}.get(self.name, 1.0)
-
-    def validate(self) -> None:
-        if self.name not in SCHEDULES:
-            raise InvalidArgumentError(
-                f"unknown schedule {self.name!r}; choose one of {', '.join(SCHEDULES)}"
-            )
-        decay = self.resolved_decay()
-        if not 0 < decay <= 1:
-            raise InvalidArgumentError(f"--lr-decay must be in (0, 1], got {decay}")
-        if self.step_epochs < 1:
-            raise InvalidArgumentError(f"--lr-step-epochs must be >= 1, got {self.step_epochs}")
-        if self.patience < 0:
-            raise InvalidArgumentError(f"--plateau-patience must be >= 0, got {self.patience}")
+from hydra_store.arguments import ScheduleSpec
 
 
 class EpochSchedule:

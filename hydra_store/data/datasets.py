@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import inspect
 import io
 import math
 import pickle
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hydra_store.data.plugins import is_plugin_spec, load_plugin_function
 from hydra_store.errors import DataFilesMissingError, DatasetError, InvalidArgumentError
 
 KNOWN_DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
@@ -54,9 +53,6 @@ _ACCEPTED_FORMS = (
     "'package.module:function' returning a DatasetBundle or a dict of those arrays"
 )
 
-_PLUGIN_RE = re.compile(
-    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
-)
 
 _FASHION_CLASSES = (
     "T-shirt/top",
@@ -317,7 +313,7 @@ def load_dataset(
         root is not None and _is_zarr_group(root / spec)
     ):
         bundle = _load_zarr_group(_resolve_user_path(spec, root, "zarr group"))
-    elif _PLUGIN_RE.match(spec):
+    elif is_plugin_spec(spec):
         bundle = _load_plugin(spec, root, seed)
     elif "/" in spec or "\\" in spec or lowered.endswith(".zarr"):
         raise DatasetError(
@@ -858,19 +854,7 @@ def _bundle_from_arrays(name: str, arrays: Mapping[str, Any], *, source: str) ->
 
 
 def _load_plugin(spec: str, root: Path | None, seed: int) -> DatasetBundle:
-    module_name, _, func_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise DatasetError(
-            f"cannot import module {module_name!r} for data set {spec!r}: {exc} "
-            "(is it on PYTHONPATH?)"
-        ) from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise DatasetError(
-            f"data set {spec!r}: module {module_name!r} has no function {func_name!r}"
-        )
+    func = load_plugin_function(spec, what="data set", error=DatasetError)
     kwargs: dict[str, Any] = {"seed": seed}
     try:
         params = inspect.signature(func).parameters

@@ -1,0 +1,158 @@
+"""The contribution-method seam: every way of scoring training samples against a test set is a
+`ContributionMethod`, and `analyze --method`, `compare` and `validate` find them in a
+`MethodRegistry`.
+
+A method runs from a store and its own arguments dataclass, writes its results to its own group
+(`<group>/<test set>`, so re-running one method never touches another's results), and reads back
+its total contributions C(i) for `compare` and `validate` to score. Built in: `hydra` (the stored
+hypergradients, `analysis/`) and `hydra-exact` (reverse mode, `reverse/`). How to add one:
+docs/design.md, "Adding a contribution method".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hydra_store.analysis.test_sets import group_name
+from hydra_store.arguments import AnalyzeConfig, ReverseConfig
+from hydra_store.errors import InvalidArgumentError
+from hydra_store.store.format import open_group
+
+Progress = Callable[[str, int, int], None]
+# label -> (training-set indices, C(i) of those samples)
+Totals = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+class ContributionMethod(ABC):
+    """One way of computing the contribution of training samples to a test set."""
+
+    name: str  # what `analyze --method` takes
+    group: str  # parent group of its results: `<group>/<test set>`
+    config_type: type  # its arguments dataclass (has a `test_set` field)
+    description: str
+
+    def config_from_options(self, options: Mapping[str, Any]) -> Any:
+        """Its arguments from a flat mapping of options (the CLI's), ignoring those it lacks."""
+        names = {f.name for f in dataclasses.fields(self.config_type)}
+        return self.config_type(**{k: v for k, v in options.items() if k in names})
+
+    @abstractmethod
+    def run(self, path: Path, config: Any, progress: Progress | None = None) -> Any:
+        """Compute and write `<group>/<test set>`; return a summary with a `lines()` method."""
+
+    @abstractmethod
+    def totals(self, path: Path, test_set: str) -> Totals:
+        """Its stored C(i) for a test set (empty when it has not run on it)."""
+
+
+class StoredHypergradientMethod(ContributionMethod):
+    """HyDRA from the hypergradients recorded in the store (`analysis/<test set>`)."""
+
+    name = "hydra"
+    group = "analysis"
+    config_type = AnalyzeConfig
+    description = "stored hypergradients"
+
+    def run(self, path: Path, config: AnalyzeConfig, progress: Progress | None = None) -> Any:
+        from hydra_store.analysis.stored import analyze
+
+        return analyze(path, config, progress)
+
+    def totals(self, path: Path, test_set: str) -> Totals:
+        """Every `total_contribution*` of `analysis/<test set>` over tracked samples, labelled
+        `analysis:<variable>`."""
+        root = open_group(path)
+        try:
+            group = root[f"{self.group}/{group_name(test_set)}"]
+        except KeyError:
+            return {}
+        found: Totals = {}
+        sample = np.asarray(root["sample"][:]) if "sample" in root else None
+        for key in sorted(group.array_keys()):
+            if not key.startswith("total_contribution"):
+                continue
+            array = group[key]
+            dims = tuple(array.metadata.dimension_names or ())
+            values = np.asarray(array[:], dtype=np.float64)
+            if dims == ("sample",) and sample is not None and values.size == sample.size:
+                index = np.asarray(group["sample"][:]) if "sample" in group else sample
+                found[f"analysis:{key}"] = (index.astype(np.int64), values)
+        return found
+
+
+class ReverseModeMethod(ContributionMethod):
+    """Exact (and approximate) HyDRA for every training sample by one backward sweep through
+    the stored trajectory (`reverse/<test set>`)."""
+
+    name = "hydra-exact"
+    group = "reverse"
+    config_type = ReverseConfig
+    description = "reverse sweep through the trajectory"
+    EXACT = "hydra-exact (reverse mode)"
+    APPROXIMATE = "hydra-approx (reverse mode)"
+
+    def run(self, path: Path, config: ReverseConfig, progress: Progress | None = None) -> Any:
+        from hydra_store.analysis.reverse import run_exact_analysis
+
+        return run_exact_analysis(path, config, progress=progress)
+
+    def totals(self, path: Path, test_set: str) -> Totals:
+        from hydra_store.analysis.reverse import read_reverse_group
+
+        group = read_reverse_group(path, test_set)
+        if group is None or "total_contribution_exact" not in group:
+            return {}
+        exact = np.asarray(group["total_contribution_exact"][:], dtype=np.float64)
+        approx = np.asarray(group["total_contribution_approx"][:], dtype=np.float64)
+        index = np.arange(exact.size)
+        return {self.EXACT: (index, exact), self.APPROXIMATE: (index, approx)}
+
+
+class MethodRegistry:
+    """Contribution methods by name, in the order they were added."""
+
+    def __init__(self, methods: tuple[ContributionMethod, ...] = ()) -> None:
+        self._methods: dict[str, ContributionMethod] = {}
+        for method in methods:
+            self.add(method)
+
+    def add(self, method: ContributionMethod) -> None:
+        if method.name in self._methods:
+            raise InvalidArgumentError(f"a contribution method named {method.name!r} exists")
+        if any(m.group == method.group for m in self._methods.values()):
+            raise InvalidArgumentError(
+                f"method {method.name!r} would write to {method.group!r}, another method's group"
+            )
+        self._methods[method.name] = method
+
+    def __getitem__(self, name: str) -> ContributionMethod:
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise InvalidArgumentError(
+                f"unknown method {name!r}; choose one of {', '.join(self.names())}"
+            ) from None
+
+    def __iter__(self) -> Iterator[ContributionMethod]:
+        return iter(self._methods.values())
+
+    def names(self) -> list[str]:
+        return list(self._methods)
+
+    def totals(self, path: Path, test_set: str) -> Totals:
+        """Every stored C(i) of every method for a test set."""
+        found: Totals = {}
+        for method in self:
+            found.update(method.totals(path, test_set))
+        return found
+
+
+def default_methods() -> MethodRegistry:
+    """A new registry of the built-in methods (the reverse-mode gold standard first)."""
+    return MethodRegistry((ReverseModeMethod(), StoredHypergradientMethod()))

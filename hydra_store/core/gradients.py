@@ -1,0 +1,204 @@
+"""Per-sample losses and their gradients, Hessian-vector products, and the losses a model is
+judged by: pure torch (torch.func), no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+
+from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
+
+
+def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss of each sample: cross-entropy on logits."""
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+class PerSampleGradients:
+    """Per-sample loss gradients of a model with torch.func, written into a reused (B, P) buffer.
+
+    Reusing the buffer matters: a fresh 10-50 MB allocation per step is returned to the OS and
+    mapped again by glibc every step, which costs more than the arithmetic (docs/design.md, "Measured facts").
+    """
+
+    def __init__(self, model: torch.nn.Module, layout: ParameterLayout) -> None:
+        self.model = model
+        self.layout = layout
+        self._buffer: torch.Tensor | None = None
+
+        def sample_loss(params, buffers, x, y):
+            logits = functional_call(model, (params, buffers), (x.unsqueeze(0),))
+            return per_sample_loss(logits, y.unsqueeze(0)).squeeze(0)
+
+        self._grad = vmap(grad_and_value(sample_loss), in_dims=(None, None, 0, 0))
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.layout.names}
+
+    def __call__(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (losses (B,), gradients (B, P)); the gradients live in a reused buffer."""
+        batch = inputs.shape[0]
+        buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+        grads, losses = self._grad(self.parameters(), buffers, inputs, targets)
+        ref = next(iter(grads.values()))
+        if (
+            self._buffer is None
+            or self._buffer.shape[0] < batch
+            or self._buffer.dtype != ref.dtype
+            or self._buffer.device != ref.device
+        ):
+            self._buffer = torch.empty(
+                batch, self.layout.n_params, dtype=ref.dtype, device=ref.device
+            )
+        out = self._buffer[:batch]
+        self.layout.flatten_batched(grads, out)
+        return losses.detach(), out
+
+
+def per_sample_loss_function(
+    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-sample training losses (B,) of one batch as a function of the flat parameters."""
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def losses(flat: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
+        return per_sample_loss(logits, targets)
+
+    return losses
+
+
+def batch_loss_function(
+    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The mean training loss of one batch as a function of the flat parameter vector."""
+    losses = per_sample_loss_function(model, layout, inputs, targets)
+    return lambda flat: losses(flat).mean()
+
+
+def hessian_vector_products(
+    loss: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor, vectors: torch.Tensor
+) -> torch.Tensor:
+    """H(point) @ v for each row v of `vectors` (forward-over-reverse, vmapped)."""
+
+    def hvp(v):
+        return jvp(grad(loss), (point,), (v,))[1]
+
+    return vmap(hvp)(vectors)
+
+
+def batch_gradient(
+    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample losses, the batch's mean gradient as a (1, P) tensor) by one backward pass:
+    what a trajectory-only recording costs, plain training."""
+    losses = per_sample_loss(model(inputs), targets)
+    params = [dict(model.named_parameters())[n] for n in layout.names]
+    grads = torch.autograd.grad(losses.mean(), params)
+    return losses.detach(), torch.cat([g.reshape(-1) for g in grads])[None]
+
+
+def weighted_batch_gradient(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient of the batch's mean of `weights` x per-sample loss, as (1, P), by one
+    backward pass (leave-one-out retraining: weight 0 for the sample left out)."""
+    loss = (weights * per_sample_loss(model(inputs), targets)).mean()
+    params = [dict(model.named_parameters())[n] for n in layout.names]
+    grads = torch.autograd.grad(loss, params)
+    return torch.cat([g.reshape(-1) for g in grads])[None]
+
+
+# How a store says its steps' gradients were taken (root attribute `step_gradient`).
+STEP_GRADIENT_METHODS = ("per_sample_mean", "batch_backward")
+
+
+def step_gradients(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    per_sample: PerSampleGradients,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients a recorded step used, by the method the store names in `step_gradient`."""
+    if method == "batch_backward":
+        return batch_gradient(model, layout, inputs, targets)
+    return per_sample(inputs, targets)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of the model on a set of samples, in batches, without gradients."""
+    param = next(model.parameters())
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, int(targets.shape[0]), batch_size):
+            x = inputs[start : start + batch_size].to(param.device, param.dtype)
+            y = targets[start : start + batch_size].to(param.device)
+            logits = model(x)
+            total_loss += float(per_sample_loss(logits, y).sum())
+            correct += int((logits.argmax(1) == y).sum())
+    n = max(1, int(targets.shape[0]))
+    return total_loss / n, correct / n
+
+
+def mean_loss_gradient(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+) -> tuple[torch.Tensor, float]:
+    """(the gradient of the mean loss over the samples at the model's weights (P,), that mean
+    loss): the test direction u of a whole test set."""
+    param = next(model.parameters())
+    point = get_flat_parameters(model, layout)
+    total = torch.zeros_like(point)
+    loss_sum = 0.0
+    n = int(targets.shape[0])
+    for start in range(0, n, batch_size):
+        x = inputs[start : start + batch_size].to(param.device, param.dtype)
+        y = targets[start : start + batch_size].to(param.device)
+        losses = per_sample_loss_function(model, layout, x, y)
+
+        def summed(flat: torch.Tensor, fn=losses) -> torch.Tensor:
+            return fn(flat).sum()
+
+        total += grad(summed)(point)
+        with torch.no_grad():
+            loss_sum += float(losses(point).sum())
+    return total / max(1, n), loss_sum / max(1, n)
+
+
+def per_sample_loss_gradients(
+    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The loss gradient of each given sample at the model's weights, (n, P)."""
+    param = next(model.parameters())
+    point = get_flat_parameters(model, layout)
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def one(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (layout.unflatten(flat), buffers), (x[None],))
+        return per_sample_loss(logits, y[None]).squeeze(0)
+
+    x = inputs.to(param.device, param.dtype)
+    y = targets.to(param.device)
+    return vmap(grad(one), in_dims=(None, 0, 0))(point, x, y)

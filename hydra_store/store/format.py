@@ -1,0 +1,127 @@
+"""The store: a Zarr v3 group laid out so that `xr.open_zarr(path)` gives the recording as one
+Dataset (docs/store-format.md). Opening, status, consolidation, and output-path checks; knows
+nothing of training."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import warnings
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import xarray as xr
+import zarr
+
+from hydra_store.errors import (
+    StoreExistsError,
+    StoreFormatError,
+    StoreIncompleteError,
+    StoreNotFoundError,
+)
+
+FORMAT_VERSION = 1
+STATUS_RECORDING = "recording"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_store(path: Path) -> bool:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        group = zarr.open_group(path, mode="r", use_consolidated=False)
+    except Exception:
+        return False
+    return "hydra_store_format" in group.attrs
+
+
+def consolidate(path: Path | str) -> None:
+    """Write consolidated metadata so that xarray opens the store without warnings.
+
+    zarr warns that consolidated metadata is not in the v3 spec; xarray relies on it, so the
+    warning is expected here and silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+def check_output_path(path: Path, overwrite: bool) -> None:
+    """Raise if `path` may not receive a new store; changes nothing."""
+    if not path.exists():
+        if not path.parent.exists():
+            raise StoreNotFoundError(
+                f"the directory {path.parent} for the output store does not exist; create it first"
+            )
+        return
+    if not overwrite:
+        raise StoreExistsError(
+            f"{path} already exists; pass --overwrite to replace it, or choose another --out"
+        )
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if not is_store(path):
+        raise StoreExistsError(
+            f"{path} exists and is not a hydra-store store; refusing to delete it even with "
+            "--overwrite. Choose another --out"
+        )
+
+
+def prepare_output_path(path: Path, overwrite: bool) -> None:
+    """Check the path, then delete an old store there (only with `overwrite`).
+
+    Call this only after every input has been validated.
+    """
+    check_output_path(path, overwrite)
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def open_group(path: Path | str, mode: str = "r") -> zarr.Group:
+    """Open a store's root group, checking that it is a hydra-store store of a known version."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreNotFoundError(f"no store at {path}; record one with `hydra-store record --out`")
+    if not (path / "zarr.json").is_file():
+        raise StoreFormatError(f"{path} is not a Zarr v3 store (no zarr.json)")
+    group = zarr.open_group(path, mode=mode, use_consolidated=False)
+    version = group.attrs.get("hydra_store_format")
+    if version is None:
+        raise StoreFormatError(f"{path} is a Zarr group but not a hydra-store store")
+    if version != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{path} has store format {version}; this hydra-store reads format {FORMAT_VERSION}"
+        )
+    return group
+
+
+def require_complete(group: zarr.Group, path: Path | str) -> None:
+    status = group.attrs.get("status")
+    if status != STATUS_COMPLETE:
+        raise StoreIncompleteError(
+            f"{path} has status {status!r}: its recording did not finish, so its results would "
+            "be partial. Record it again"
+        )
+
+
+def open_dataset(path: Path | str, *, group: str | None = None) -> xr.Dataset:
+    """The recording (or an analysis group) as a lazy xarray Dataset backed by dask."""
+    open_group(path)
+    return xr.open_zarr(str(path), group=group)
+
+
+@contextlib.contextmanager
+def writable_group(path: Path | str) -> Iterator[zarr.Group]:
+    """The root group opened for writing; re-consolidates the metadata on the way out."""
+    group = open_group(path, mode="r+")
+    try:
+        yield group
+    finally:
+        consolidate(path)
