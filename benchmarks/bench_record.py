@@ -21,17 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra_store.hypergradient import (
-    ApproximateHypergradient,
-    PerSampleGradients,
-    SGDSettings,
-    TrackedSelection,
-    per_sample_loss,
-    read_sgd_settings,
-)
 
+from hydra_store.core.gradients import PerSampleGradients, per_sample_loss
+from hydra_store.core.hypergradient import ApproximateHypergradient, TrackedSelection
 from hydra_store.core.parameters import ParameterLayout
-from hydra_store.core.sgd import sgd_step
+from hydra_store.core.sgd import SGDSettings, read_sgd_settings, sgd_step
 from hydra_store.core.state import InMemoryTrackedState
 from hydra_store.data.datasets import load_dataset
 from hydra_store.data.models import build_model

@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import typer
-from hydra_store_cli.common import StageBars, user_errors
 
 from hydra_store.arguments import AnalyzeConfig
 from hydra_store.execution import SCHEDULER_HELP
+from hydra_store_cli.common import StageBars, user_errors
 
 # Every option's default is the AnalyzeConfig's: the CLI repeats none of them.
 _ANALYZE = AnalyzeConfig()

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import typer
-from hydra_store_cli.common import directory_bytes, human_bytes, progress_bar, user_errors
 
 from hydra_store.arguments import RecordConfig
+from hydra_store_cli.common import directory_bytes, human_bytes, progress_bar, user_errors
 
 # Every option's default is the RecordConfig's: the CLI repeats none of them.
 _RECORD = RecordConfig()

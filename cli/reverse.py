@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from hydra_store_cli.common import StageBars, user_errors
 
 from hydra_store.arguments import CompareConfig, ValidateConfig
+from hydra_store_cli.common import StageBars, user_errors
 
 # Every option's default is its config's: the CLI repeats none of them.
 _COMPARE = CompareConfig()

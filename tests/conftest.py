@@ -6,9 +6,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from hydra_store.arguments import RecordConfig
+from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
+from hydra_store.data.datasets import load_dataset, subset
+from hydra_store.data.models import build_model
+from hydra_store.recording.recorder import HydraRecorder
 from hydra_store.recording.training import record_run
 
 
@@ -49,3 +55,42 @@ def store_copy(digits_store, tmp_path) -> Path:
     target = tmp_path / "copy.zarr"
     shutil.copytree(digits_store, target)
     return target
+
+
+def small_digits(n_train: int = 22):
+    bundle = load_dataset("digits", seed=0)
+    return subset(bundle.train, np.arange(n_train))
+
+
+def record_small_run(
+    path, *, dtype=torch.float64, mode="both", epochs=3, batch_size=6, seed=0, **recorder_options
+):
+    """A float64 run on 22 digits (batches of 6: the last one of each epoch is partial), with
+    momentum, weight decay and a learning rate that changes at every step."""
+    train = small_digits()
+    model = build_model("mlp:hidden=4", input_shape=(1, 8, 8), n_classes=10, seed=seed, dtype=dtype)
+    initial = get_flat_parameters(model, ParameterLayout.from_model(model)).clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.93)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(train)
+    recorder = HydraRecorder(
+        model,
+        optimizer,
+        path,
+        n_train=n,
+        tracked=[0, 4, 5, 9, 13, 21],
+        mode=mode,
+        **recorder_options,
+    )
+    with recorder:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                recorder.step(train.inputs[index].to(dtype), train.targets[index], index)
+                scheduler.step()
+            recorder.end_epoch()
+        h = recorder.hypergradients().clone()
+        h_exact = recorder.hypergradients(exact=True).clone() if mode == "both" else None
+    return train, model, initial, h, h_exact

@@ -3,7 +3,7 @@
     C(i, j) = -(1/N) grad_w l(x_j, y_j; w_T) . h_{T,i}      C(i) = -(1/N) grad_w L_test(w_T) . h_{T,i}
 
 with L_test the mean test loss, so C(i) = mean_j C(i, j); N is the whole training-set size
-(root attribute `n_train`). Positive means training sample i helps (DESIGN.md section 1).
+(root attribute `n_train`). Positive means training sample i helps (docs/design.md, "The math").
 
 Nothing here imports torch: dask workers unpickle these graphs without loading the model code.
 """
@@ -17,8 +17,8 @@ import xarray as xr
 from hydra_store.errors import AnalysisError
 
 # The largest (test, param) block one task multiplies against a chunk of hypergradients. With
-# the whole test set in one block every hypergradient chunk is read once (DESIGN.md section 5:
-# reads repeated per output block made dask 2.5x slower than numpy).
+# the whole test set in one block every hypergradient chunk is read once (docs/design.md,
+# "Measured facts": reads repeated per output block made dask 2.5x slower than numpy).
 TEST_BLOCK_BYTES = 512 * 2**20
 
 
@@ -48,14 +48,19 @@ def _as_dask(array: xr.DataArray) -> da.Array:
 
 
 def _check_params(hyper: xr.DataArray, test_gradients: xr.DataArray) -> None:
-    if test_gradients.dims != ("test", "param"):
+    """The test gradients must live in the hypergradients' space: the same second dimension
+    (`param`, or a projection's) of the same width."""
+    width = hyper.dims[1]
+    if test_gradients.dims != ("test", width):
         raise AnalysisError(
-            f"test gradients must have dims ('test', 'param'), got {test_gradients.dims}"
+            f"test gradients must have dims ('test', {width!r}) like the hypergradients, got "
+            f"{test_gradients.dims}"
+            + ("; project them with the store's projector first" if width != "param" else "")
         )
-    if hyper.sizes["param"] != test_gradients.sizes["param"]:
+    if hyper.sizes[width] != test_gradients.sizes[width]:
         raise AnalysisError(
-            f"test gradients have {test_gradients.sizes['param']} parameters, the hypergradients "
-            f"{hyper.sizes['param']}: they come from different models"
+            f"test gradients have {test_gradients.sizes[width]} entries along {width!r}, the "
+            f"hypergradients {hyper.sizes[width]}: they come from different models"
         )
 
 
@@ -97,7 +102,9 @@ def contributions(
 
 def mean_test_gradient(test_gradients: xr.DataArray) -> xr.DataArray:
     """grad_w L_test(w_T), L_test the mean test loss, in float64."""
-    return xr.DataArray(_as_dask(test_gradients).mean(axis=0, dtype=np.float64), dims=("param",))
+    return xr.DataArray(
+        _as_dask(test_gradients).mean(axis=0, dtype=np.float64), dims=test_gradients.dims[1:]
+    )
 
 
 def total_contributions(

@@ -5,7 +5,7 @@
 
 because C(i, j) is bilinear in (h_i, g_j): the average over all pairs is the product of the class
 means of the hypergradients and of the test gradients. Class means are one-hot matrix products
-(DESIGN.md section 5: faster and leaner than groupby), so the cost is one read of the
+(docs/design.md, "Measured facts": faster and leaner than groupby), so the cost is one read of the
 hypergradients and a (classes, param) result, never the (sample, test) pairs.
 """
 

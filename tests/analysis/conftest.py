@@ -1,5 +1,5 @@
 """Analysed copies of the shared stores, made once per session (figures off: they are tested
-once, in test_cli.py)."""
+once, in tests/cli/test_analyze.py), and the float64 store of the reverse-mode tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from hydra_store.analysis.stored import analyze
 from hydra_store.arguments import AnalyzeConfig
+from tests.analysis.test_reverse import float64_run  # noqa: F401  (shared fixture)
 
 
 @pytest.fixture(scope="session")

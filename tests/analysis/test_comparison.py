@@ -8,14 +8,11 @@ import numpy as np
 import pytest
 import typer
 import xarray as xr
-from hydra_store_cli.reverse import register
 from typer.testing import CliRunner
 
 from hydra_store.analysis.comparison import run_comparison
 from hydra_store.analysis.metrics import pearson, sign_error_rate, spearman
-from tests import test_reverse
-
-float64_run = test_reverse.float64_run  # the float64 store, shared fixture
+from hydra_store_cli.reverse import register
 
 
 def make_app() -> typer.Typer:

@@ -12,41 +12,10 @@ from torch.func import functional_call, grad, jacfwd
 from hydra_store.arguments import RecordConfig
 from hydra_store.core.gradients import per_sample_loss
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
-from hydra_store.data.datasets import load_dataset, subset
 from hydra_store.data.models import build_model
 from hydra_store.errors import InvalidArgumentError, ModelError, UnsupportedOptimizerError
 from hydra_store.recording.recorder import HydraRecorder
-
-
-def small_digits(n_train: int = 22):
-    bundle = load_dataset("digits", seed=0)
-    return subset(bundle.train, np.arange(n_train))
-
-
-def record_small_run(path, *, dtype=torch.float64, mode="both", epochs=3, batch_size=6, seed=0):
-    """A float64 run on 22 digits (batches of 6: the last one of each epoch is partial), with
-    momentum, weight decay and a learning rate that changes at every step."""
-    train = small_digits()
-    model = build_model("mlp:hidden=4", input_shape=(1, 8, 8), n_classes=10, seed=seed, dtype=dtype)
-    initial = get_flat_parameters(model, ParameterLayout.from_model(model)).clone()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.93)
-    generator = torch.Generator().manual_seed(seed)
-    n = len(train)
-    recorder = HydraRecorder(
-        model, optimizer, path, n_train=n, tracked=[0, 4, 5, 9, 13, 21], mode=mode
-    )
-    with recorder:
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, batch_size):
-                index = order[start : start + batch_size]
-                recorder.step(train.inputs[index].to(dtype), train.targets[index], index)
-                scheduler.step()
-            recorder.end_epoch()
-        h = recorder.hypergradients().clone()
-        h_exact = recorder.hypergradients(exact=True).clone() if mode == "both" else None
-    return train, model, initial, h, h_exact
+from tests.conftest import record_small_run, small_digits
 
 
 def unrolled_final_weights(model, layout, train, store, initial, detach_gradients):

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import zarr
-from hydra_store_cli.main import app
 from typer.testing import CliRunner
 
+from hydra_store_cli.main import app
+
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str):

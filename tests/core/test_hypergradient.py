@@ -13,7 +13,7 @@ from hydra_store.errors import InvalidArgumentError, UnsupportedOptimizerError
 
 
 def naive_dense_recurrence(n_train, tracked, batches, gradients, settings_per_step, momentum):
-    """Every tracked sample updated at every step, straight from DESIGN.md section 1."""
+    """Every tracked sample updated at every step, straight from the recurrence in docs/design.md, "The math"."""
     n_params = gradients[0].shape[1]
     h = np.zeros((len(tracked), n_params))
     m = np.zeros((len(tracked), n_params))

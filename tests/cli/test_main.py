@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from hydra_store_cli.main import app
 from typer.testing import CliRunner
 
-from tests.test_cli_record import assert_one_error_line
+from hydra_store_cli.main import app
+from tests.cli.test_record import assert_one_error_line
 
 runner = CliRunner()
 

@@ -8,10 +8,10 @@ import pytest
 import typer
 import xarray as xr
 import zarr
-from hydra_store_cli.analyze import register
 from typer.testing import CliRunner
 
 from hydra_store.analysis import stored as pipeline
+from hydra_store_cli.analyze import register
 
 app = typer.Typer()
 register(app)

@@ -140,7 +140,7 @@ def test_trajectory_only_store_replays(tmp_path):
 
 
 def test_every_variable_and_attribute_is_documented(digits_store, noisy_digits_store):
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "store-format.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "store-format.md").read_text()
     for store in (digits_store, noisy_digits_store):
         group = zarr.open_group(store, mode="r")
         for name in dict(group.arrays()):

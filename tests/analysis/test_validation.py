@@ -15,10 +15,7 @@ from hydra_store.core.gradients import evaluate
 from hydra_store.errors import InvalidArgumentError
 from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
-from tests import test_reverse
-from tests.test_reverse import N_TRAIN, test_direction
-
-float64_run = test_reverse.float64_run  # the float64 store, shared fixture
+from tests.analysis.test_reverse import N_TRAIN, test_direction
 
 
 def test_unweighted_retraining_reproduces_the_stored_weights(float64_run):

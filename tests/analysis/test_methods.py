@@ -1,0 +1,114 @@
+"""The contribution-method seam: a method dropped into a registry is run, kept in its own group,
+and scored by `compare` and `validate` with no code of theirs changed."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from typer.testing import CliRunner
+
+from hydra_store.analysis.comparison import run_comparison
+from hydra_store.analysis.methods import (
+    ContributionMethod,
+    MethodRegistry,
+    ReverseModeMethod,
+    default_methods,
+)
+from hydra_store.analysis.reverse import read_reverse_group, run_exact_analysis
+from hydra_store.analysis.validation import run_validation
+from hydra_store.errors import InvalidArgumentError
+from hydra_store.store.format import open_group
+from hydra_store.store.groups import write_result_group
+from hydra_store_cli.main import app
+
+
+@dataclass(frozen=True)
+class ScaledConfig:
+    test_set: str = "test"
+    factor: float = 2.0
+
+
+class ScaledExactMethod(ContributionMethod):
+    """A stand-in method: the reverse-mode exact C(i) times a positive factor (so it must rank
+    exactly like the exact contribution), written to its own group `scaled/<test set>`."""
+
+    name = "scaled"
+    group = "scaled"
+    config_type = ScaledConfig
+    description = "test stand-in"
+
+    def run(self, path, config, progress=None):
+        exact = np.asarray(read_reverse_group(path, config.test_set)["total_contribution_exact"])
+        values = config.factor * exact
+        arrays = {"total_contribution": (values, ("train",), {})}
+        write_result_group(path, f"scaled/{config.test_set}", arrays, {"config": asdict(config)})
+        return values
+
+    def totals(self, path, test_set):
+        root = open_group(path)
+        if f"scaled/{test_set}" not in root:
+            return {}
+        values = np.asarray(root[f"scaled/{test_set}/total_contribution"][:])
+        return {"scaled exact": (np.arange(values.size), values)}
+
+
+@pytest.fixture()
+def run_copy(float64_run, tmp_path) -> Path:
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(float64_run.path, path)
+    return path
+
+
+def test_a_new_method_is_scored_by_compare_and_validate(run_copy):
+    registry = default_methods()
+    registry.add(ScaledExactMethod())
+    run_exact_analysis(run_copy, "test")
+    exact = np.asarray(read_reverse_group(run_copy, "test")["total_contribution_exact"])
+    method = registry["scaled"]
+    method.run(run_copy, method.config_from_options({"test_set": "test", "top_k": 3}))
+
+    comparison = run_comparison(run_copy, "test", over_checkpoints=False, methods=registry)
+    scores = {s.method: s for s in comparison.scores}
+    assert scores["scaled exact"].spearman == pytest.approx(1.0)
+    assert scores["scaled exact"].sign_error == 0.0
+    assert scores["scaled exact"].n_samples == exact.size
+
+    validation = run_validation(run_copy, "test", samples=5, methods=registry)
+    by_method = {c.method: c for c in validation.correlations}
+    assert by_method["scaled exact"].spearman == pytest.approx(
+        by_method[ReverseModeMethod.EXACT].spearman
+    )
+    ds = xr.open_zarr(str(run_copy), group="reverse/test/validation")
+    np.testing.assert_allclose(
+        ds["predicted_scaled"].values, 2.0 * exact[ds["validation_sample"].values]
+    )
+
+    # Each method owns its group: re-running reverse mode keeps the other method's results.
+    run_exact_analysis(run_copy, "test")
+    assert "scaled exact" in registry.totals(run_copy, "test")
+
+
+def test_registry_refuses_clashes_and_names_its_methods():
+    registry = default_methods()
+    assert registry.names() == ["hydra-exact", "hydra"]
+    with pytest.raises(InvalidArgumentError, match="exists"):
+        registry.add(ReverseModeMethod())
+    clash = ScaledExactMethod()
+    clash.name, clash.group = "other", "reverse"
+    with pytest.raises(InvalidArgumentError, match="another method's group"):
+        registry.add(clash)
+    with pytest.raises(InvalidArgumentError, match="choose one of hydra-exact, hydra"):
+        registry["tracin"]
+    assert [m.name for m in MethodRegistry((ScaledExactMethod(),))] == ["scaled"]
+
+
+def test_cli_unknown_method_is_one_error_line(digits_store):
+    result = CliRunner().invoke(app, ["analyze", str(digits_store), "--method", "tracin"])
+    assert result.exit_code == 2
+    assert "unknown method 'tracin'; choose one of hydra-exact, hydra" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,72 @@
+"""One arguments dataclass per stage: validated before anything runs, saved beside its outputs,
+and the CLI's defaults are the dataclasses' own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import typer
+
+from hydra_store.arguments import (
+    AnalyzeConfig,
+    CompareConfig,
+    RecordConfig,
+    ReverseConfig,
+    ValidateConfig,
+    resolve_config,
+)
+from hydra_store.errors import InvalidArgumentError
+from hydra_store_cli.main import app
+
+
+def command_defaults(name: str) -> dict[str, object]:
+    command = typer.main.get_command(app).commands[name]
+    return {p.name: p.default for p in command.params if not p.required}
+
+
+@pytest.mark.parametrize(
+    ("command", "config", "renamed"),
+    [
+        ("record", RecordConfig(), {}),
+        ("compare", CompareConfig(), {"over_checkpoints": "checkpoints"}),
+        ("validate", ValidateConfig(), {}),
+        ("analyze", AnalyzeConfig(), {}),
+    ],
+)
+def test_cli_defaults_are_the_configs_defaults(command, config, renamed):
+    defaults = command_defaults(command)
+    checked = 0
+    for field in dataclasses.fields(config):
+        option = renamed.get(field.name, field.name)
+        if option in defaults:
+            value = defaults[option]
+            expected = getattr(config, field.name)
+            assert (str(value) if field.name == "out" else value) == expected, field.name
+            checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (AnalyzeConfig(top_k=0), "--top-k must be at least 1"),
+        (ReverseConfig(per_test=0), "--per-test must be at least 1"),
+        (CompareConfig(every=0), "--every must be at least 1"),
+        (ValidateConfig(samples=0), "--samples must be at least 1"),
+        (ValidateConfig(selection="best"), "--selection must be one of random"),
+    ],
+)
+def test_bad_arguments_are_refused(config, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        config.validate()
+
+
+def test_resolve_config_takes_a_dataclass_or_keywords():
+    assert resolve_config(CompareConfig, "validation", {"every": 3}) == CompareConfig(
+        test_set="validation", every=3
+    )
+    config = CompareConfig(every=2)
+    assert resolve_config(CompareConfig, config, {}) is config
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        resolve_config(CompareConfig, config, {"every": 3})
