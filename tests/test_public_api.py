@@ -24,3 +24,13 @@ def test_analysis_functions_import_without_torch():
     code = "import sys, hydra_store.analysis; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "name", ["AnalyzeConfig", "AnalyzeSummary", "SuspectsTable", "ProgressCallback", "analyze"]
+)
+def test_analysis_names_resolve(name):
+    import hydra_store.analysis
+
+    assert getattr(hydra_store.analysis, name) is not None
+    assert name in hydra_store.analysis.__all__ or name == "ProgressCallback"

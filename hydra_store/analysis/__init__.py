@@ -23,14 +23,10 @@ from hydra_store.analysis.clustering import NoiseScores, noise_scores, sign_clus
 from hydra_store.analysis.contributions import contributions, total_contributions
 from hydra_store.analysis.influencers import extreme_samples, top_influencers
 from hydra_store.analysis.interclass import interclass
+from hydra_store.arguments import AnalyzeConfig
 
 if TYPE_CHECKING:
-    from hydra_store.analysis.stored import (
-        AnalyzeConfig,
-        AnalyzeSummary,
-        ProgressCallback,
-        SuspectsTable,
-    )
+    from hydra_store.analysis.stored import AnalyzeSummary, ProgressCallback, SuspectsTable
 
 __all__ = [
     "AnalyzeConfig",
@@ -53,14 +49,14 @@ __all__ = [
 def analyze(
     path: str | Path, config: AnalyzeConfig | None = None, progress: ProgressCallback | None = None
 ) -> AnalyzeSummary:
-    """Run every analysis for one test set into `analysis/<name>` (see pipeline.analyze)."""
+    """Run every analysis for one test set into `analysis/<name>` (see hydra_store.analysis.stored.analyze)."""
     from hydra_store.analysis.stored import analyze as run
 
     return run(path, config, progress)
 
 
 def suspects(path: str | Path, test_set: str = "test") -> SuspectsTable:
-    """Training samples ranked from most harmful (see pipeline.suspects)."""
+    """Training samples ranked from most harmful (see hydra_store.analysis.stored.suspects)."""
     from hydra_store.analysis.stored import suspects as run
 
     return run(path, test_set)
@@ -74,8 +70,8 @@ def open_analysis(path: str | Path, test_set: str = "test"):
 
 
 def __getattr__(name: str):
-    if name in ("AnalyzeConfig", "AnalyzeSummary", "SuspectsTable", "ProgressCallback"):
-        from hydra_store.analysis import pipeline
+    if name in ("AnalyzeSummary", "SuspectsTable", "ProgressCallback"):
+        from hydra_store.analysis import stored
 
-        return getattr(pipeline, name)
+        return getattr(stored, name)
     raise AttributeError(name)
