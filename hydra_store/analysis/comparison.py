@@ -230,16 +230,7 @@ def run_comparison(
             correlations,
             f"HyDRA approximate vs exact, all {exact.size} training samples ({path.name})",
         )
-    arrays = {
-        "method": (np.array([s.method for s in scores], dtype=object), ("method",), {}),
-        "n_samples": (np.array([s.n_samples for s in scores]), ("method",), {}),
-        "sign_error": (np.array([s.sign_error for s in scores]), ("method",), {}),
-        "spearman": (np.array([s.spearman for s in scores]), ("method",), {}),
-        "pearson": (np.array([s.pearson for s in scores]), ("method",), {}),
-        "checkpoint_step": (steps, ("checkpoint",), {}),
-        "checkpoint_sign_error": (errors, ("checkpoint",), {}),
-        "checkpoint_spearman": (correlations, ("checkpoint",), {}),
-    }
+    arrays = _comparison_arrays(scores, steps, errors, correlations)
     attrs = {
         "config": asdict(config),
         "gold_standard": "total_contribution_exact (reverse mode)",
@@ -260,3 +251,22 @@ def run_comparison(
         computed_exact=computed,
         seconds=time.perf_counter() - started,
     )
+
+
+def _comparison_arrays(
+    scores: list[MethodScore], steps: np.ndarray, errors: np.ndarray, correlations: np.ndarray
+) -> dict[str, tuple[np.ndarray, tuple[str, ...], dict]]:
+    """The variables of `reverse/<test set>/comparison`: one row per method, one per
+    checkpoint."""
+    per_method = {
+        "method": np.array([s.method for s in scores], dtype=object),
+        "n_samples": np.array([s.n_samples for s in scores]),
+        "sign_error": np.array([s.sign_error for s in scores]),
+        "spearman": np.array([s.spearman for s in scores]),
+        "pearson": np.array([s.pearson for s in scores]),
+    }
+    arrays = {key: (values, ("method",), {}) for key, values in per_method.items()}
+    arrays["checkpoint_step"] = (steps, ("checkpoint",), {})
+    arrays["checkpoint_sign_error"] = (errors, ("checkpoint",), {})
+    arrays["checkpoint_spearman"] = (correlations, ("checkpoint",), {})
+    return arrays
