@@ -41,9 +41,10 @@ from hydra_store.core.sgd import (
     sgd_step,
     velocity_of,
 )
-from hydra_store.core.state import InMemoryTrackedState, StateFactory
+from hydra_store.core.state import InMemoryTrackedState, StateFactory, state_nbytes
 from hydra_store.data.models import check_supported_model
 from hydra_store.errors import InvalidArgumentError
+from hydra_store.recording.memory import available_memory_bytes, check_state_fits
 from hydra_store.store.arrays import matrix_chunks
 from hydra_store.store.format import STATUS_COMPLETE, STATUS_FAILED, consolidate, now_iso
 from hydra_store.store.writer import RecordingStore
@@ -196,6 +197,14 @@ class HydraRecorder:
                 device=self.device,
             )
 
+        widths = []
+        if self.mode in ("approximate", "both"):
+            widths.append(self.projector.width)
+        if self.mode in ("exact", "both"):
+            widths.append(self.layout.n_params)
+        if state_factory is InMemoryTrackedState:
+            per_row = sum(state_nbytes(1, w, has_momentum, state_dtype) for w in widths)
+            check_state_fits(self.selection.n_rows, per_row, available_memory_bytes())
         self.approximate = self.exact = None
         if self.mode in ("approximate", "both"):
             state = new_state(self.projector.width)
