@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hydra_store.store.arrays import create_array, matrix_chunks
+from hydra_store.store.arrays import create_array, matrix_chunks, write_array
 from hydra_store.store.format import (
     FORMAT_VERSION,
     STATUS_RECORDING,
@@ -48,11 +48,8 @@ class RecordingStore:
         fill_value: Any = None,
     ) -> zarr.Array:
         if data is not None:
-            data = np.asarray(data)
-            shape, dtype = data.shape, data.dtype
-            if data.dtype.kind in "OUT":
-                dtype = str
-        array = create_array(
+            return write_array(self.group, name, data, dims, chunks=chunks, attrs=attrs)
+        return create_array(
             self.group,
             name,
             dims=dims,
@@ -62,9 +59,6 @@ class RecordingStore:
             attrs=attrs,
             fill_value=fill_value,
         )
-        if data is not None and data.size:
-            array[...] = data
-        return array
 
     def append(self, name: str, block: np.ndarray) -> None:
         """Append rows along the first axis; the slot axis of `batch_index` grows as needed."""
