@@ -8,7 +8,14 @@ from pathlib import Path
 import typer
 
 from hydra_store.arguments import RecordConfig
-from hydra_store_cli.common import directory_bytes, human_bytes, progress_bar, user_errors
+from hydra_store.execution import SCHEDULER_HELP
+from hydra_store_cli.common import (
+    StageBars,
+    directory_bytes,
+    human_bytes,
+    progress_bar,
+    user_errors,
+)
 
 # Every option's default is the RecordConfig's: the CLI repeats none of them.
 _RECORD = RecordConfig()
@@ -102,6 +109,24 @@ def record(
         _RECORD.validation_fraction,
         help="Carve a stratified validation split of this size out of the training set.",
     ),
+    memory_budget: str = typer.Option(
+        _RECORD.memory_budget,
+        help="Memory the tracked state may take, e.g. 4GiB (default: 80% of the memory "
+        "available). A larger state is recorded in partitions after training.",
+    ),
+    project_dim: int = typer.Option(
+        _RECORD.project_dim,
+        help="Track a seeded random projection of the hypergradients to about this many "
+        "dimensions (approximate mode; Kronecker-factored per parameter tensor).",
+    ),
+    scheduler: str = typer.Option(
+        _RECORD.scheduler, help=f"Where partitions run: {SCHEDULER_HELP}."
+    ),
+    workers: int = typer.Option(
+        _RECORD.workers,
+        help="Partitions recorded at once (threads or LocalCluster workers); each holds its "
+        "share of --memory-budget.",
+    ),
 ) -> None:
     """Train a model with SGD and record HyDRA hypergradients into a Zarr store."""
     from hydra_store.recording.training import prepare_run, record_run
@@ -134,6 +159,10 @@ def record(
             mode="trajectory" if trajectory_only else mode,
             data_root=None if data_root is None else str(data_root),
             validation_fraction=validation_fraction,
+            memory_budget=memory_budget,
+            project_dim=project_dim,
+            scheduler=scheduler,
+            workers=workers,
         )
         prepared = prepare_run(config)
         n_train = len(prepared.bundle.train.targets)
@@ -146,10 +175,22 @@ def record(
                 f"epoch {p.epoch}/{p.epochs} loss {p.loss:.4f} {p.samples_per_second:,.0f} samples/s"
             )
 
+        stages = StageBars()
+
+        def on_plan(plan) -> None:
+            typer.echo(plan.describe(), err=True)
+
         try:
-            summary = record_run(config, progress=on_progress, prepared=prepared)
+            summary = record_run(
+                config,
+                progress=on_progress,
+                prepared=prepared,
+                on_plan=on_plan,
+                partition_progress=stages,
+            )
         finally:
             bar.close()
+            stages.close()
     last = summary.epochs[-1]
     typer.echo(f"recorded {summary.path}  (status: complete)")
     typer.echo(
@@ -160,6 +201,11 @@ def record(
         f"  {len(summary.epochs)} epochs: train loss {last.train_loss:.4f}, test loss "
         f"{last.test_loss:.4f}, test accuracy {100 * last.test_accuracy:.2f}%"
     )
+    if summary.n_partitions > 1:
+        typer.echo(
+            f"  {summary.n_partitions} partitions recorded after training in "
+            f"{summary.partition_seconds:.1f} s"
+        )
     typer.echo(
         f"  time {summary.seconds:.1f} s ({summary.samples_per_second:,.0f} training samples/s); "
         f"store size {human_bytes(summary.store_bytes)}"

@@ -87,6 +87,10 @@ class RecordConfig:
     mode: str = "approximate"
     data_root: str | None = None
     validation_fraction: float = 0.0
+    memory_budget: str | None = None  # e.g. "4GiB"; None: 80% of the memory available
+    project_dim: int | None = None
+    scheduler: str = "threads"  # where partitions run when the state exceeds the budget
+    workers: int = 1
 
     def schedule_spec(self) -> ScheduleSpec:
         return ScheduleSpec(
@@ -134,6 +138,29 @@ class RecordConfig:
             bad("track", f"must be 'all', a count, or an existing index file; got {track!r}")
         if track.isdigit() and int(track) < 1:
             bad("track", "must track at least one sample")
+        if self.memory_budget is not None:
+            from dask.utils import parse_bytes
+
+            try:
+                budget = parse_bytes(self.memory_budget)
+            except (ValueError, TypeError):
+                bad(
+                    "memory-budget",
+                    f"{self.memory_budget!r} is not a size; write e.g. 4GiB or 500MB",
+                )
+            if budget <= 0:
+                bad("memory-budget", f"must be a positive size, got {self.memory_budget!r}")
+        if self.project_dim is not None:
+            if self.project_dim < 1:
+                bad("project-dim", f"must be at least 1, got {self.project_dim}")
+            if self.mode != "approximate":
+                bad(
+                    "project-dim",
+                    "projects the approximate recurrence only (the exact one needs every "
+                    "parameter); use --mode approximate",
+                )
+        if self.workers < 1:
+            bad("workers", f"must be at least 1, got {self.workers}")
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = dataclasses.asdict(self)

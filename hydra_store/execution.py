@@ -72,16 +72,18 @@ def map_tasks(
     scheduler: str | None = "threads",
     progress: Callable[[str, int, int], None] | None = None,
     description: str = "tasks",
+    n_workers: int | None = None,
 ) -> list[T]:
     """`[function(*args) for args in arguments]`, each call an independent dask task on the
     scheduler named by `scheduler`, in the order of `arguments`, reporting
-    `progress(description, finished, total)` as tasks finish.
+    `progress(description, finished, total)` as tasks finish. `n_workers`: threads at once
+    (local threads), or workers of a LocalCluster (default: dask's).
 
     On a cluster `function` and its arguments are pickled to worker processes: it must be a
     module-level function that loads what it needs itself.
     """
     total = len(arguments)
-    with dask_scheduler(scheduler) as client:
+    with dask_scheduler(scheduler, n_workers=n_workers) as client:
         if client is None:
             lock = threading.Lock()
             finished = [0]
@@ -95,7 +97,7 @@ def map_tasks(
                 return result
 
             tasks = [dask.delayed(task, pure=False)(*args) for args in arguments]
-            return list(dask.compute(*tasks))
+            return list(dask.compute(*tasks, num_workers=n_workers))
         from distributed import as_completed
 
         futures = [client.submit(function, *args, pure=False) for args in arguments]

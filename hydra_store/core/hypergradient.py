@@ -130,10 +130,19 @@ class ApproximateHypergradient:
             self._window_product = self._window_product[keep]
             self._window_count = self._window_count[keep]
 
-    def step(self, batch_index: np.ndarray, gradients: torch.Tensor, settings: SGDSettings) -> None:
+    def step(
+        self,
+        batch_index: np.ndarray,
+        gradients: torch.Tensor,
+        settings: SGDSettings,
+        *,
+        batch_size: int | None = None,
+    ) -> None:
         """Advance all tracked samples by one SGD step whose batch is `batch_index`.
 
-        `gradients` (B, P) are the per-sample loss gradients of the batch at w_{t-1}.
+        `gradients` (B, P) are the per-sample loss gradients of the batch at w_{t-1}. A caller
+        that tracks only some samples may pass only their slots of the batch, with the whole
+        batch's size as `batch_size` (the B_t of the N / B_t injection scale).
         """
         if settings.momentum != 0 and not self.state.has_momentum:
             raise UnsupportedOptimizerError(
@@ -147,7 +156,7 @@ class ApproximateHypergradient:
         if batch is not None:
             rows = batch.rows.cpu().numpy()
             coefficients = np.einsum("ij,rjk->rik", transition, self._products_for(rows))
-            scale = self.selection.n_train / batch_index.size
+            scale = self.selection.n_train / (batch_size or batch_index.size)
             injection = np.tile(np.array([-settings.lr * scale, scale]), (rows.size, 1))
             self.state.update_rows(
                 batch.rows,
@@ -222,8 +231,15 @@ class ExactHypergradient:
         batch_index: np.ndarray,
         gradients: torch.Tensor,
         settings: SGDSettings,
+        *,
+        batch_index_tracked: np.ndarray | None = None,
     ) -> None:
-        """Advance every tracked sample by one step; `weights_before` is the flat w_{t-1}."""
+        """Advance every tracked sample by one step; `weights_before` is the flat w_{t-1}.
+
+        `inputs`, `targets` and `batch_index` are the whole batch (the Hessian is the batch
+        loss's). `gradients` are the per-sample gradients of every slot, or, with
+        `batch_index_tracked`, only of the slots listed there (a subset of the batch).
+        """
         if settings.momentum != 0 and not self.state.has_momentum:
             raise UnsupportedOptimizerError(
                 "momentum changed from 0 to a positive value during training"
@@ -231,7 +247,8 @@ class ExactHypergradient:
         batch_index = np.asarray(batch_index, dtype=np.int64)
         loss = batch_loss_function(self.model, self.layout, inputs, targets)
         p, lam, eta = settings.momentum, settings.weight_decay, settings.lr
-        batch = self.selection.batch_rows(batch_index, gradients)
+        injected = batch_index if batch_index_tracked is None else batch_index_tracked
+        batch = self.selection.batch_rows(np.asarray(injected, dtype=np.int64), gradients)
         scale = self.selection.n_train / batch_index.size
         rows = None if batch is None else batch.rows.cpu().numpy()
         for start in range(0, self.state.n_rows, self.chunk_size):

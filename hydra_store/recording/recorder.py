@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from hydra_store.arguments import MODES
+from hydra_store.core.fingerprints import fingerprint_direction, gradient_fingerprints
 from hydra_store.core.gradients import PerSampleGradients, batch_gradient
 from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
@@ -44,7 +45,15 @@ from hydra_store.core.sgd import (
 from hydra_store.core.state import InMemoryTrackedState, StateFactory, state_nbytes
 from hydra_store.data.models import check_supported_model
 from hydra_store.errors import InvalidArgumentError
-from hydra_store.recording.memory import available_memory_bytes, check_state_fits
+from hydra_store.recording.memory import (
+    StatePlan,
+    available_memory_bytes,
+    check_disk_fits,
+    check_state_fits,
+    default_memory_budget,
+    plan_state,
+)
+from hydra_store.recording.partitions import TrainingData, run_partitions
 from hydra_store.store.arrays import matrix_chunks
 from hydra_store.store.format import STATUS_COMPLETE, STATUS_FAILED, consolidate, now_iso
 from hydra_store.store.writer import RecordingStore
@@ -106,6 +115,13 @@ class HydraRecorder:
             default `InMemoryTrackedState`).
         projector: the linear map the tracked vectors are an image of (the projector seam;
             default: none, the full hypergradient). The exact mode needs the identity.
+        memory_budget: bytes the tracked state may take (default: 80% of the memory available
+            now). A state larger than that is recorded in partitions after training, from the
+            stored per-step weights (hydra_store.recording.partitions, docs/scaling.md); then
+            `finish` needs the training data.
+        workers: partitions recorded at once (each holds its own share of the budget).
+        planned_steps, planned_checkpoints: the run's length when known, for the up-front check
+            that the store fits the free disk space.
     """
 
     def __init__(
@@ -128,6 +144,10 @@ class HydraRecorder:
         overwrite: bool = False,
         state_factory: StateFactory = InMemoryTrackedState,
         projector: Projector | None = None,
+        memory_budget: int | None = None,
+        workers: int = 1,
+        planned_steps: int | None = None,
+        planned_checkpoints: int | None = None,
     ) -> None:
         self._check_arguments(n_train, mode, checkpoint_every, hypergradient_history)
         check_supported_model(model)
@@ -150,8 +170,14 @@ class HydraRecorder:
         self.device, self.dtype = first.device, first.dtype
         labels = self._labels(train_labels, "train_labels")
         clean = self._labels(clean_labels, "clean_labels")
-        self._build_trackers(state_factory, state_dtype or self.dtype, settings.momentum != 0)
+        self.state_dtype = state_dtype or self.dtype
+        self.has_momentum = settings.momentum != 0
+        self.plan = self._plan_state(state_factory, memory_budget, workers)
+        self._check_disk(store, planned_steps, planned_checkpoints)
+        self._build_trackers(state_factory)
         self.per_sample = PerSampleGradients(model, self.layout)
+        self._fingerprint_seed = int(np.random.default_rng().integers(2**31))
+        self._direction = fingerprint_direction(self.layout.n_params, self._fingerprint_seed)
 
         self.store = RecordingStore(store, overwrite=overwrite)
         self.path = self.store.path
@@ -161,6 +187,7 @@ class HydraRecorder:
         self.epoch = 0
         self._pending: dict[str, list] = {k: [] for k in self._STEP_VARIABLES}
         self._pending_blocks: dict[str, list] = {k: [] for k in self._BLOCK_VARIABLES}
+        self._pending_steps: dict[str, list] = {"step_weights": [], "gradient_fingerprint": []}
         self._epoch_losses: list[float] = []
         self._epoch_samples = 0
         self.epochs: list[EpochRecord] = []
@@ -183,40 +210,83 @@ class HydraRecorder:
         if hypergradient_history and mode == "trajectory":
             raise InvalidArgumentError("a trajectory-only recording has no hypergradient history")
 
-    def _build_trackers(
-        self, state_factory: StateFactory, state_dtype: torch.dtype, has_momentum: bool
-    ) -> None:
-        """The approximate and/or exact recurrence of the mode, each over its own state."""
-
-        def new_state(width: int):
-            return state_factory(
-                self.selection.n_rows,
-                width,
-                has_momentum=has_momentum,
-                dtype=state_dtype,
-                device=self.device,
-            )
-
+    @property
+    def _widths(self) -> list[int]:
+        """The tracked vectors' width of each recurrence the mode runs."""
         widths = []
         if self.mode in ("approximate", "both"):
             widths.append(self.projector.width)
         if self.mode in ("exact", "both"):
             widths.append(self.layout.n_params)
-        if state_factory is InMemoryTrackedState:
-            per_row = sum(state_nbytes(1, w, has_momentum, state_dtype) for w in widths)
-            check_state_fits(self.selection.n_rows, per_row, available_memory_bytes())
+        return widths
+
+    @property
+    def partitioned(self) -> bool:
+        return self.plan is not None and self.plan.partitioned
+
+    def _plan_state(
+        self, state_factory: StateFactory, memory_budget: int | None, workers: int
+    ) -> StatePlan | None:
+        """Where the state lives (in memory, or partitions after training); None for a state
+        backend of the caller's own or a trajectory-only recording."""
+        if self.mode == "trajectory" or state_factory is not InMemoryTrackedState:
+            return None
+        per_row = sum(state_nbytes(1, w, self.has_momentum, self.state_dtype) for w in self._widths)
+        available = available_memory_bytes()
+        budget = default_memory_budget(available) if memory_budget is None else memory_budget
+        chunk_rows = matrix_chunks(self.selection.n_rows, max(self._widths))[0]
+        return plan_state(
+            self.selection.n_rows,
+            per_row,
+            budget=budget,
+            budget_is_default=memory_budget is None,
+            workers=workers,
+            chunk_rows=chunk_rows,
+            available=available,
+        )
+
+    def _check_disk(self, store: str | Path, steps: int | None, checkpoints: int | None) -> None:
+        rows = self.selection.n_rows * sum(self._widths) * 4
+        needed = rows * (1 + (checkpoints or 1) * self.hypergradient_history)
+        if self.partitioned and steps is not None:
+            needed += steps * self.layout.n_params * self._itemsize
+        check_disk_fits(store, needed, "the store")
+
+    def _build_trackers(self, state_factory: StateFactory) -> None:
+        """The approximate and/or exact recurrence of the mode, each over its own state (none
+        when the state is recorded in partitions after training)."""
+
+        def new_state(width: int):
+            return state_factory(
+                self.selection.n_rows,
+                width,
+                has_momentum=self.has_momentum,
+                dtype=self.state_dtype,
+                device=self.device,
+            )
+
+        if self.mode in ("exact", "both") and not self.projector.is_identity:
+            raise InvalidArgumentError(
+                "the exact mode tracks full hypergradients (Hessian-vector products need "
+                "every parameter); record it without a projection"
+            )
         self.approximate = self.exact = None
+        if self.partitioned:
+            return
+        if self.plan is None and state_factory is InMemoryTrackedState:
+            per_row = sum(
+                state_nbytes(1, w, self.has_momentum, self.state_dtype) for w in self._widths
+            )
+            check_state_fits(self.selection.n_rows, per_row, available_memory_bytes())
         if self.mode in ("approximate", "both"):
             state = new_state(self.projector.width)
             self.approximate = ApproximateHypergradient(state, self.selection)
         if self.mode in ("exact", "both"):
-            if not self.projector.is_identity:
-                raise InvalidArgumentError(
-                    "the exact mode tracks full hypergradients (Hessian-vector products need "
-                    "every parameter); record it without a projection"
-                )
             state = new_state(self.layout.n_params)
             self.exact = ExactHypergradient(state, self.selection, self.model, self.layout)
+
+    # Per-step weights buffered before a write (partitioned recordings): 64 MiB.
+    STEP_BUFFER_BYTES = 64 * 2**20
 
     _STEP_VARIABLES = ("batch_index", "lr", "momentum", "weight_decay", "step_epoch", "batch_loss")
 
@@ -266,6 +336,8 @@ class HydraRecorder:
         s.create_array("step_epoch", dims=("step",), shape=(0,), dtype=np.int64, chunks=(65536,))
         for name in ("train_loss", "test_loss", "test_accuracy"):
             s.create_array(name, dims=("epoch",), shape=(0,), dtype=np.float64, chunks=(4096,))
+        if self.partitioned:
+            self._create_partition_arrays()
         s.update_attrs(
             {
                 "n_train": self.n_train,
@@ -284,6 +356,42 @@ class HydraRecorder:
         )
         if not self.projector.is_identity:
             s.update_attrs({"projection": self.projector.to_attrs()})
+
+    def _create_partition_arrays(self) -> None:
+        """The per-step weights and gradient fingerprints the partitions are recorded from."""
+        s, n_params = self.store, self.layout.n_params
+        s.create_array(
+            "step_weights",
+            dims=("step", "param"),
+            shape=(0, n_params),
+            dtype=self._weights_dtype,
+            chunks=matrix_chunks(2**40, n_params, self._itemsize),
+            attrs={"long_name": "w_{t-1}: the weights each step's gradients were taken at"},
+        )
+        s.create_array(
+            "gradient_fingerprint",
+            dims=("step", "slot"),
+            shape=(0, 1),
+            dtype=np.float64,
+            chunks=(4096, 64),
+            fill_value=np.nan,
+            attrs={"long_name": "<g_i(w_{t-1}), u> of each batch slot (docs/scaling.md)"},
+        )
+        plan = self.plan
+        s.update_attrs(
+            {
+                "partitions": {
+                    "count": plan.n_partitions,
+                    "rows": plan.rows_per_partition,
+                    "memory_budget": plan.budget,
+                    "workers": plan.workers,
+                    "state_bytes_per_row": plan.bytes_per_row,
+                    "state_dtype": str(self.state_dtype).removeprefix("torch."),
+                    "has_momentum": self.has_momentum,
+                    "fingerprint_seed": self._fingerprint_seed,
+                }
+            }
+        )
 
     @property
     def _weights_dtype(self):
@@ -332,6 +440,13 @@ class HydraRecorder:
                 f"the training loss became {losses.mean().item()} at step {self.step_count + 1}; "
                 "lower the learning rate"
             )
+        if self.partitioned:
+            self._pending_steps["step_weights"].append(
+                get_flat_parameters(self.model, self.layout).cpu().numpy()
+            )
+            self._pending_steps["gradient_fingerprint"].append(
+                gradient_fingerprints(gradients, self._direction)
+            )
         if self.exact is not None:
             weights_before = get_flat_parameters(self.model, self.layout)
             self.exact.step(weights_before, inputs, targets, index, gradients, settings)
@@ -343,6 +458,10 @@ class HydraRecorder:
         self.step_count += 1
         loss = float(losses.mean())
         self._buffer_step(index, settings, loss)
+        if len(self._pending_steps["step_weights"]) * self.layout.n_params * self._itemsize > (
+            self.STEP_BUFFER_BYTES
+        ):
+            self._flush()
         self._epoch_losses.append(loss * index.size)
         self._epoch_samples += index.size
         return loss
@@ -377,8 +496,19 @@ class HydraRecorder:
         for name, rows in self._pending_blocks.items():
             if rows:
                 self.store.append(name, np.stack([np.asarray(r) for r in rows]))
+        weights, fingerprints = (
+            self._pending_steps["step_weights"],
+            self._pending_steps["gradient_fingerprint"],
+        )
+        if weights:
+            self.store.append("step_weights", np.stack(weights))
+            block = np.full((len(fingerprints), max(f.size for f in fingerprints)), np.nan)
+            for k, f in enumerate(fingerprints):
+                block[k, : f.size] = f
+            self.store.append("gradient_fingerprint", block)
         self._pending = {k: [] for k in self._STEP_VARIABLES}
         self._pending_blocks = {k: [] for k in self._BLOCK_VARIABLES}
+        self._pending_steps = {"step_weights": [], "gradient_fingerprint": []}
         self.store.update_attrs({"recorded_step": int(self.store.group["lr"].shape[0])})
         consolidate(self.path)
         self._last_flush = time.monotonic()
@@ -407,7 +537,7 @@ class HydraRecorder:
         b["checkpoint_step"].append(np.int64(self.step_count))
         b["checkpoint_epoch"].append(np.int64(epoch))
         self._last_checkpoint_step = self.step_count
-        if self.hypergradient_history:
+        if self.hypergradient_history and not self.partitioned:
             for name, tracker in self._trackers():
                 self.store.append_rows(
                     f"{name}_history",
@@ -461,6 +591,11 @@ class HydraRecorder:
 
     def hypergradients(self, exact: bool = False) -> torch.Tensor:
         """h_T of all tracked rows as one tensor (for small runs and tests; the store streams)."""
+        if self.partitioned:
+            raise InvalidArgumentError(
+                "this recording's hypergradients are recorded in partitions into the store; "
+                "read them from the store"
+            )
         tracker = self.exact if exact else self.approximate
         if tracker is None:
             raise InvalidArgumentError(
@@ -468,15 +603,35 @@ class HydraRecorder:
             )
         return tracker.hypergradient_rows(0, self.selection.n_rows)
 
-    def finish(self, progress: Callable[[int, int], None] | None = None) -> Path:
-        """Write the hypergradients and the last checkpoint, then mark the store complete."""
+    def finish(
+        self,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        training_data: TrainingData | None = None,
+        scheduler: str = "threads",
+        partition_progress: Callable[[str, int, int], None] | None = None,
+    ) -> Path:
+        """Write the hypergradients and the last checkpoint, then mark the store complete.
+
+        A partitioned recording (`self.partitioned`) records its partitions here, on
+        `scheduler`, from the stored steps: it needs `training_data` (the model and the whole
+        training set as the batches index it), or, on a cluster, a store of a built-in run.
+        """
         if self._finished:
             return self.path
+        if self.partitioned and training_data is None and scheduler in ("threads", "", None):
+            raise InvalidArgumentError(
+                "this recording's state is larger than its memory budget, so its hypergradients "
+                "are recorded in partitions after training from the training data: call "
+                "finish(training_data=TrainingData(model, inputs, targets))"
+            )
         if self._last_checkpoint_step != self.step_count:
             self._checkpoint(self.epoch)
         self._flush()
         if self._batch_labels is not None:
             self.store.group["label"][:] = self._batch_labels
+        if self.partitioned:
+            self._record_partitions(training_data, scheduler, partition_progress)
         for name, tracker in self._trackers():
             self.store.write_rows(
                 name,
@@ -492,6 +647,61 @@ class HydraRecorder:
         self._finished = True
         return self.path
 
+    def _record_partitions(
+        self,
+        training_data: TrainingData | None,
+        scheduler: str,
+        progress: Callable[[str, int, int], None] | None,
+    ) -> None:
+        """Create the hypergradient arrays (chunks aligned to the partitions), then record the
+        partitions into them."""
+        n_rows, rows = self.selection.n_rows, self.plan.rows_per_partition
+        n_checkpoints = int(self.store.group["checkpoint_step"].shape[0])
+        for name, _ in self._tracked_names():
+            width = self.projector.width if name == "hypergradient" else self.layout.n_params
+            chunk_rows = min(rows, matrix_chunks(n_rows, width)[0])
+            self.store.create_array(
+                name,
+                dims=("sample", self._dim(name)),
+                shape=(n_rows, width),
+                dtype=np.float32,
+                chunks=(chunk_rows, width),
+                attrs={"step": self.step_count, "long_name": "dw_T/d eps_i"},
+            )
+            if self.hypergradient_history:
+                self.store.create_array(
+                    f"{name}_history",
+                    dims=("checkpoint", "sample", self._dim(name)),
+                    shape=(n_checkpoints, n_rows, width),
+                    dtype=np.float32,
+                    chunks=(1, chunk_rows, width),
+                    attrs={"long_name": "dw_t/d eps_i at each checkpoint"},
+                )
+        self.store.create_array(
+            "partition_done",
+            np.zeros(self.plan.n_partitions, dtype=bool),
+            dims=("partition",),
+            chunks=(1,),
+        )
+        self.store.update_attrs({"hypergradient_history_recorded": self.hypergradient_history})
+        consolidate(self.path)
+        self.store.close()
+        run_partitions(
+            self.path,
+            training_data,
+            scheduler=scheduler,
+            workers=self.plan.workers,
+            progress=progress,
+        )
+
+    def _tracked_names(self) -> list[tuple[str, str]]:
+        names = []
+        if self.mode in ("approximate", "both"):
+            names.append(("hypergradient", "approximate"))
+        if self.mode in ("exact", "both"):
+            names.append(("hypergradient_exact", "exact"))
+        return names
+
     def fail(self, reason: str) -> None:
         """Mark the store as failed (it keeps what was written, and says it is incomplete)."""
         if self._finished:
@@ -505,7 +715,14 @@ class HydraRecorder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.finish()
+            try:
+                self.finish()
+            except BaseException as error:
+                self._fail_with(type(error), error)
+                raise
         else:
-            name = "interrupted" if exc_type is KeyboardInterrupt else exc_type.__name__
-            self.fail(f"{name}: {exc}")
+            self._fail_with(exc_type, exc)
+
+    def _fail_with(self, exc_type: type[BaseException], exc: BaseException | None) -> None:
+        name = "interrupted" if exc_type is KeyboardInterrupt else exc_type.__name__
+        self.fail(f"{name}: {exc}")

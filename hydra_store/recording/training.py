@@ -12,11 +12,15 @@ import torch
 
 from hydra_store.arguments import RecordConfig
 from hydra_store.core.gradients import evaluate
+from hydra_store.core.parameters import ParameterLayout
+from hydra_store.core.projection import KroneckerProjector
 from hydra_store.data.datasets import DatasetBundle
 from hydra_store.data.models import build_model
 from hydra_store.data.training_data import dataset_attrs, load_training_data
 from hydra_store.errors import InvalidArgumentError
 from hydra_store.recording.lr_schedules import EpochSchedule
+from hydra_store.recording.memory import StatePlan, parse_size
+from hydra_store.recording.partitions import TrainingData
 from hydra_store.recording.recorder import EpochRecord, HydraRecorder
 from hydra_store.store.format import check_output_path
 
@@ -44,6 +48,8 @@ class RecordSummary:
     training_seconds: float
     samples_per_second: float
     store_bytes: int
+    n_partitions: int = 1
+    partition_seconds: float = 0.0
 
 
 def select_tracked(track: str, labels: np.ndarray, seed: int) -> np.ndarray:
@@ -136,8 +142,15 @@ def record_run(
     *,
     progress: Callable[[Progress], None] | None = None,
     prepared: PreparedRun | None = None,
+    on_plan: Callable[[StatePlan], None] | None = None,
+    partition_progress: Callable[[str, int, int], None] | None = None,
 ) -> RecordSummary:
-    """Train with SGD and record the HyDRA hypergradients of the tracked samples into a store."""
+    """Train with SGD and record the HyDRA hypergradients of the tracked samples into a store.
+
+    `on_plan` hears, before training starts, where the tracked state will live (in memory, or
+    partitions under the memory budget); `partition_progress(stage, done, total)` follows the
+    partitions recorded after training.
+    """
     started = time.perf_counter()
     run = prepared or prepare_run(config)
     optimizer = torch.optim.SGD(
@@ -149,11 +162,19 @@ def record_run(
     n_train = len(run.bundle.train.targets)
     steps_per_epoch = -(-n_train // config.batch_size)
     schedule = EpochSchedule(optimizer, config.schedule_spec(), steps_per_epoch * config.epochs)
-    recorder = _open_recorder(run, optimizer)
+    recorder = _open_recorder(run, optimizer, steps_per_epoch * config.epochs)
+    if on_plan is not None and recorder.plan is not None:
+        on_plan(recorder.plan)
     loop = _EpochLoop(run, recorder, schedule, progress)
     with recorder:
         for epoch in range(config.epochs):
             loop.run_epoch(epoch)
+        finishing = time.perf_counter()
+        recorder.finish(
+            training_data=TrainingData(run.model, loop.inputs, loop.labels),
+            scheduler=config.scheduler,
+            partition_progress=partition_progress,
+        )
     store_bytes = sum(f.stat().st_size for f in Path(config.out).rglob("*") if f.is_file())
     return RecordSummary(
         path=Path(config.out),
@@ -165,12 +186,20 @@ def record_run(
         training_seconds=loop.training_seconds,
         samples_per_second=n_train * config.epochs / max(loop.training_seconds, 1e-9),
         store_bytes=store_bytes,
+        n_partitions=recorder.plan.n_partitions if recorder.plan is not None else 1,
+        partition_seconds=time.perf_counter() - finishing if recorder.partitioned else 0.0,
     )
 
 
-def _open_recorder(run: PreparedRun, optimizer: torch.optim.Optimizer) -> HydraRecorder:
+def _open_recorder(
+    run: PreparedRun, optimizer: torch.optim.Optimizer, planned_steps: int
+) -> HydraRecorder:
     """The recorder of a built-in run, with the splits' labels and source indices stored."""
     config, bundle = run.config, run.bundle
+    projector = None
+    if config.project_dim is not None:
+        shapes = ParameterLayout.from_model(run.model).shapes
+        projector = KroneckerProjector(shapes, config.project_dim, seed=config.seed)
     recorder = HydraRecorder(
         run.model,
         optimizer,
@@ -185,6 +214,11 @@ def _open_recorder(run: PreparedRun, optimizer: torch.optim.Optimizer) -> HydraR
         config=config.to_attrs(),
         attrs={"dataset": dataset_attrs(bundle, run.train_labels)},
         overwrite=config.overwrite,
+        projector=projector,
+        memory_budget=None if config.memory_budget is None else parse_size(config.memory_budget),
+        workers=config.workers,
+        planned_steps=planned_steps,
+        planned_checkpoints=config.epochs // config.checkpoint_every + 2,
     )
     store = recorder.store
     store.create_array("train_label", run.train_labels, dims=("train",))

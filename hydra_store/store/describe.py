@@ -54,6 +54,17 @@ def describe_store(path: str | Path) -> list[str]:
     arrays = dict(group.arrays())
     if "checkpoint_step" in arrays:
         lines.append(f"  checkpoints: {arrays['checkpoint_step'].shape[0]}")
+    projection = attrs.get("projection")
+    if projection:
+        asked = projection.get("target_width")
+        lines.append(
+            f"  projection {projection.get('kind')}: {projection.get('width')} dimensions"
+            + (f" (asked {asked})" if asked else "")
+            + (f", seed {projection['seed']}" if "seed" in projection else "")
+        )
+    partitions = attrs.get("partitions")
+    if partitions:
+        lines.append(_partition_line(partitions, arrays, int(attrs.get("n_tracked", 0))))
     for name in ("hypergradient", "hypergradient_exact"):
         if name in arrays:
             a = arrays[name]
@@ -72,3 +83,17 @@ def describe_store(path: str | Path) -> list[str]:
             if names:
                 lines.append(f"  {parent}: {', '.join(names)}")
     return lines
+
+
+def _partition_line(partitions: dict, arrays: dict, n_rows: int) -> str:
+    """How the state was split under the memory budget, and how many rows are in the store."""
+    rows, count = int(partitions["rows"]), int(partitions["count"])
+    line = (
+        f"  partitions: {count} of up to {rows} samples (memory budget "
+        f"{partitions.get('memory_budget', 0) / 2**20:,.1f} MiB)"
+    )
+    if "partition_done" not in arrays:
+        return line + "; not started (training)"
+    done = np.asarray(arrays["partition_done"][:])
+    rows_done = sum(min(n_rows, (p + 1) * rows) - p * rows for p in np.nonzero(done)[0])
+    return line + f"; {int(done.sum())} done, {rows_done} of {n_rows} rows written"

@@ -1,0 +1,103 @@
+"""Fingerprints of a training trajectory: scalar checks that a computation made after training
+(a partition of the tracked samples, docs/scaling.md) sees the steps training took.
+
+Training stores, for every step and batch slot, `f = <g_i(w_{t-1}), u>`: the per-sample
+gradient's component along one fixed random unit vector u. Two checks follow, both cheap:
+
+- A partition recomputes the per-sample gradients of its own samples at the stored weights; each
+  must reproduce its stored fingerprint (`check_gradient_fingerprints`). A wrong batch index,
+  weight or input gives another gradient.
+- The SGD update, read along u, ties the stored weights, learning rates, momenta, weight decays
+  and the mean fingerprint of each step together (`check_sgd_steps`): with d_t = <w_t, u> and
+  c_t = <v_t, u>, `c_t = (d_{t-1} - d_t) / eta_t` must equal `p_t c_{t-1} + mean_i f_{t,i} +
+  lambda_t d_{t-1}`. A wrong learning rate (or momentum, or weights) breaks it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hydra_store.errors import ReplayMismatchError
+
+# Relative tolerance of a recomputed fingerprint against the stored one, in units of the
+# gradient's norm (|f| <= |g| since |u| = 1): float32 per-sample gradients of one sample
+# computed in batches of different sizes agree to ~1e-6 of their norm.
+FINGERPRINT_RTOL = 1e-4
+
+
+def fingerprint_direction(n_params: int, seed: int) -> torch.Tensor:
+    """The unit vector u (float64) of a recording's fingerprints, drawn from `seed`."""
+    generator = torch.Generator().manual_seed(int(seed))
+    direction = torch.randn(n_params, generator=generator, dtype=torch.float64)
+    return direction / direction.norm()
+
+
+def gradient_fingerprints(gradients: torch.Tensor, direction: torch.Tensor) -> np.ndarray:
+    """<g_i, u> of each row of `gradients` (B, P), as float64."""
+    return (gradients @ direction.to(gradients.device, gradients.dtype)).double().cpu().numpy()
+
+
+def check_gradient_fingerprints(
+    gradients: torch.Tensor,
+    direction: torch.Tensor,
+    stored: np.ndarray,
+    *,
+    step: int,
+    samples: np.ndarray,
+) -> None:
+    """Raise ReplayMismatchError unless each recomputed gradient's fingerprint is the stored one."""
+    computed = gradient_fingerprints(gradients, direction)
+    norms = gradients.double().norm(dim=1).cpu().numpy()
+    error = np.abs(computed - stored)
+    bad = np.nonzero(~(error <= FINGERPRINT_RTOL * norms + 1e-30))[0]
+    if bad.size:
+        k = int(bad[0])
+        raise ReplayMismatchError(
+            f"the gradient of training sample {int(samples[k])} at step {step} differs from the "
+            f"one training took (fingerprint {computed[k]:.6g}, recorded {stored[k]:.6g}); the "
+            "store's batches, weights or data do not match this run"
+        )
+
+
+def check_sgd_steps(
+    weight_dots: np.ndarray,
+    weight_abs_dots: np.ndarray,
+    first_velocity_dot: float,
+    lr: np.ndarray,
+    momentum: np.ndarray,
+    weight_decay: np.ndarray,
+    mean_fingerprint: np.ndarray,
+    *,
+    epsilon: float,
+    first_step: int = 1,
+) -> float:
+    """Check the SGD update along u for steps first_step..first_step + T - 1.
+
+    `weight_dots` (T + 1,): <w_t, u> from the weights before the first step to after the last;
+    `weight_abs_dots`: <|w_t|, |u|> (bounds the rounding of the stored weights); `epsilon`: the
+    weights' unit roundoff. Returns the largest error in units of its tolerance (below 1 passes)
+    and raises ReplayMismatchError at the first step that fails.
+    """
+    velocity = (weight_dots[:-1] - weight_dots[1:]) / lr
+    previous = np.concatenate([[first_velocity_dot], velocity[:-1]])
+    predicted = momentum * previous + mean_fingerprint + weight_decay * weight_dots[:-1]
+    rounding = 4 * epsilon * (weight_abs_dots[:-1] + weight_abs_dots[1:]) / lr
+    rounding_before = np.concatenate([[0.0], rounding[:-1]])
+    tolerance = (
+        rounding
+        + momentum * rounding_before
+        + 1e-3 * (np.abs(velocity) + np.abs(momentum * previous) + np.abs(mean_fingerprint))
+        + 1e-300
+    )
+    ratio = np.abs(velocity - predicted) / tolerance
+    bad = np.nonzero(~(ratio <= 1))[0]
+    if bad.size:
+        k = int(bad[0])
+        raise ReplayMismatchError(
+            f"step {first_step + k} of the stored trajectory is not the SGD update its stored "
+            f"learning rate ({lr[k]:g}), momentum ({momentum[k]:g}) and weight decay "
+            f"({weight_decay[k]:g}) give from the stored weights and gradients; the store's "
+            "trajectory was changed or damaged"
+        )
+    return float(ratio.max()) if ratio.size else 0.0

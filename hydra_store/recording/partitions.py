@@ -1,0 +1,364 @@
+"""Out-of-core recording: the tracked samples in partitions that each fit the memory budget.
+
+Training stores the weights before every step (`step_weights`) and a fingerprint of every
+per-sample gradient (`gradient_fingerprint`, hydra_store.core.fingerprints). Each partition then
+walks the stored steps on its own: at step t it loads w_{t-1}, computes the per-sample gradients
+of its own samples in that step's batch (and, in the exact mode, the batch loss's Hessian-vector
+products with its rows), and advances its rows by the same recurrence the in-memory recorder
+runs. Nothing is trained again, so a partition's rows equal the in-memory recorder's whatever
+machine computes them, and the partitions are independent tasks: local threads, a LocalCluster,
+or a dask.distributed scheduler. Each writes its rows (whole chunks: partitions are aligned to
+the store's row chunks) and then marks itself done in `partition_done`; a partition re-run after
+a lost worker writes the same chunks again.
+
+Why this design and not retraining each partition from the checkpoints, or a disk-backed state:
+docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from hydra_store.core.fingerprints import (
+    check_gradient_fingerprints,
+    check_sgd_steps,
+    fingerprint_direction,
+)
+from hydra_store.core.gradients import PerSampleGradients
+from hydra_store.core.hypergradient import (
+    ApproximateHypergradient,
+    ExactHypergradient,
+    TrackedSelection,
+)
+from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
+from hydra_store.core.projection import projector_from_attrs
+from hydra_store.core.sgd import SGDSettings
+from hydra_store.core.state import InMemoryTrackedState
+from hydra_store.errors import StoreFormatError
+from hydra_store.execution import map_tasks
+from hydra_store.store.format import open_group
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What the partitions need beside the store: the model (its architecture; the weights come
+    from the store) and the whole training set, indexed as in the recorded batches."""
+
+    model: torch.nn.Module
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PartitionLayout:
+    """The partitions of a store, from its `partitions` attribute."""
+
+    n_rows: int
+    rows_per_partition: int
+
+    @classmethod
+    def of(cls, group: zarr.Group) -> PartitionLayout:
+        info = group.attrs.get("partitions")
+        if not info:
+            raise StoreFormatError("this store was not recorded in partitions")
+        return cls(int(group.attrs["n_tracked"]), int(info["rows"]))
+
+    @property
+    def count(self) -> int:
+        return -(-self.n_rows // self.rows_per_partition)
+
+    def rows(self, partition: int) -> tuple[int, int]:
+        start = partition * self.rows_per_partition
+        return start, min(self.n_rows, start + self.rows_per_partition)
+
+
+def pending_partitions(group: zarr.Group) -> list[int]:
+    """Partitions not yet marked done."""
+    done = np.asarray(group["partition_done"][:])
+    return [int(p) for p in np.nonzero(~done)[0]]
+
+
+def rows_done(group: zarr.Group) -> int:
+    """Tracked rows whose hypergradients are in the store (for `info` during a recording)."""
+    layout = PartitionLayout.of(group)
+    done = np.asarray(group["partition_done"][:])
+    return sum(b - a for p, (a, b) in enumerate(map(layout.rows, range(layout.count))) if done[p])
+
+
+def run_partitions(
+    path: str | Path,
+    data: TrainingData | None,
+    *,
+    scheduler: str = "threads",
+    workers: int = 1,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[float]:
+    """Record every pending partition of a store; returns each one's seconds.
+
+    With `data` None (or on a cluster, whose workers load their own) the model and training
+    set are rebuilt from the store's configuration, which only built-in runs carry.
+    """
+    group = open_group(path)
+    check_recorded_steps(group)
+    pending = pending_partitions(group)
+    n_steps = int(group["lr"].shape[0])
+    total = len(pending) * n_steps
+    counter = _StepCounter(total, progress)
+    local = scheduler in (None, "", "threads")
+    arguments = [
+        (str(path), p, data if local else None, counter.step if local else None) for p in pending
+    ]
+
+    def on_task(description: str, done: int, count: int) -> None:
+        if not local:
+            counter.set(done * n_steps)
+
+    return map_tasks(
+        record_partition,
+        arguments,
+        scheduler=scheduler,
+        n_workers=workers,
+        progress=on_task,
+        description="partitions",
+    )
+
+
+class _StepCounter:
+    """Steps done over all partitions, reported as one progress stage."""
+
+    def __init__(self, total: int, progress: Callable[[str, int, int], None] | None) -> None:
+        self.total, self.progress = total, progress
+        self.done = 0
+        self.lock = threading.Lock()
+
+    def step(self) -> None:
+        with self.lock:
+            self.done += 1
+            if self.progress is not None and (self.done % 16 == 0 or self.done == self.total):
+                self.progress("partition steps", self.done, self.total)
+
+    def set(self, done: int) -> None:
+        with self.lock:
+            self.done = done
+            if self.progress is not None:
+                self.progress("partition steps", done, self.total)
+
+
+def check_recorded_steps(group: zarr.Group, *, block: int = 256) -> float:
+    """The SGD-update check of every stored step (hydra_store.core.fingerprints), reading the
+    per-step weights once in blocks; returns the largest error relative to its tolerance."""
+    info = group.attrs["partitions"]
+    direction = fingerprint_direction(int(group.attrs["n_params"]), info["fingerprint_seed"])
+    u = direction.numpy()
+    weights = group["step_weights"]
+    n_steps = int(group["lr"].shape[0])
+    if n_steps == 0:
+        return 0.0
+    epsilon = float(np.finfo(weights.dtype).eps) / 2
+    final = np.asarray(group["weights"][-1], dtype=np.float64)
+    dots, abs_dots = np.empty(n_steps + 1), np.empty(n_steps + 1)
+    for start in range(0, n_steps, block):
+        stop = min(n_steps, start + block)
+        rows = np.asarray(weights[start:stop], dtype=np.float64)
+        dots[start:stop] = rows @ u
+        abs_dots[start:stop] = np.abs(rows) @ np.abs(u)
+    dots[-1], abs_dots[-1] = final @ u, np.abs(final) @ np.abs(u)
+    batches = np.asarray(group["batch_index"][:])
+    fingerprints = np.asarray(group["gradient_fingerprint"][:])
+    mean = np.where(batches >= 0, fingerprints, 0.0).sum(axis=1) / (batches >= 0).sum(axis=1)
+    velocity = np.asarray(group["velocity"][0], dtype=np.float64)
+    return check_sgd_steps(
+        dots,
+        abs_dots,
+        float(velocity @ u),
+        np.asarray(group["lr"][:]),
+        np.asarray(group["momentum"][:]),
+        np.asarray(group["weight_decay"][:]),
+        mean,
+        epsilon=epsilon,
+    )
+
+
+def record_partition(
+    path: str,
+    partition: int,
+    data: TrainingData | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> float:
+    """Record one partition's rows into the store and mark it done; returns its seconds."""
+    started = time.perf_counter()
+    _one_thread_per_cluster_worker()
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    data = data or _data_from_store(path)
+    run = _PartitionRun(group, partition, data)
+    run.record(on_step)
+    group["partition_done"][partition] = True
+    return time.perf_counter() - started
+
+
+class _PartitionRun:
+    """One partition walking the stored steps."""
+
+    def __init__(self, group: zarr.Group, partition: int, data: TrainingData) -> None:
+        attrs: dict[str, Any] = group.attrs.asdict()
+        info = attrs["partitions"]
+        self.group, self.partition = group, partition
+        self.start, self.stop = PartitionLayout.of(group).rows(partition)
+        self.model = copy.deepcopy(data.model)
+        param = next(self.model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.inputs, self.targets = data.inputs, data.targets
+        self.layout = ParameterLayout.from_attrs(attrs["parameter_layout"])
+        self.projector = projector_from_attrs(attrs.get("projection"), self.layout.n_params)
+        index = np.asarray(group["sample"][self.start : self.stop])
+        self.selection = TrackedSelection(int(attrs["n_train"]), index)
+        state_dtype = getattr(torch, info["state_dtype"])
+        momentum = bool(info["has_momentum"])
+        mode = attrs["mode"]
+
+        def state(width: int) -> InMemoryTrackedState:
+            return InMemoryTrackedState(
+                self.selection.n_rows,
+                width,
+                has_momentum=momentum,
+                dtype=state_dtype,
+                device=self.device,
+            )
+
+        self.approximate = (
+            ApproximateHypergradient(state(self.projector.width), self.selection)
+            if mode in ("approximate", "both")
+            else None
+        )
+        self.exact = (
+            ExactHypergradient(state(self.layout.n_params), self.selection, self.model, self.layout)
+            if mode in ("exact", "both")
+            else None
+        )
+        self.per_sample = PerSampleGradients(self.model, self.layout)
+        self.direction = fingerprint_direction(self.layout.n_params, info["fingerprint_seed"])
+        self.history = bool(attrs.get("hypergradient_history_recorded", False))
+        steps = np.asarray(group["checkpoint_step"][:])
+        self.checkpoint_at = {int(s): c for c, s in enumerate(steps)}
+
+    def _trackers(self):
+        return [
+            (name, tracker)
+            for name, tracker in (
+                ("hypergradient", self.approximate),
+                ("hypergradient_exact", self.exact),
+            )
+            if tracker is not None
+        ]
+
+    def record(self, on_step: Callable[[], None] | None) -> None:
+        g = self.group
+        n_steps = int(g["lr"].shape[0])
+        block = max(1, g["step_weights"].chunks[0])
+        if 0 in self.checkpoint_at:
+            self._write_history(0)
+        for first in range(0, n_steps, block):
+            last = min(n_steps, first + block)
+            weights = np.asarray(g["step_weights"][first:last])
+            batches = np.asarray(g["batch_index"][first:last])
+            fingerprints = np.asarray(g["gradient_fingerprint"][first:last])
+            settings = [
+                SGDSettings(float(a), float(b), float(c))
+                for a, b, c in zip(
+                    g["lr"][first:last],
+                    g["momentum"][first:last],
+                    g["weight_decay"][first:last],
+                    strict=True,
+                )
+            ]
+            for k in range(last - first):
+                row = batches[k]
+                slots = np.nonzero(row >= 0)[0]
+                self._step(
+                    first + k + 1, row[slots], weights[k], fingerprints[k, slots], settings[k]
+                )
+                if first + k + 1 in self.checkpoint_at:
+                    self._write_history(self.checkpoint_at[first + k + 1])
+                if on_step is not None:
+                    on_step()
+        for name, tracker in self._trackers():
+            rows = tracker.hypergradient_rows(0, self.selection.n_rows)
+            g[name][self.start : self.stop] = _as_float32(rows)
+
+    def _step(
+        self,
+        step: int,
+        batch: np.ndarray,
+        weights: np.ndarray,
+        fingerprints: np.ndarray,
+        settings: SGDSettings,
+    ) -> None:
+        mine = np.nonzero(self.selection.row_of[batch] >= 0)[0]
+        flat = torch.from_numpy(weights).to(self.device, self.dtype)
+        gradients = torch.empty(0, self.layout.n_params, dtype=self.dtype, device=self.device)
+        if mine.size:
+            set_flat_parameters(self.model, self.layout, flat)
+            index = torch.from_numpy(batch[mine])
+            x = self.inputs[index].to(self.device, self.dtype)
+            y = self.targets[index].to(self.device)
+            gradients = self.per_sample(x, y)[1]
+            check_gradient_fingerprints(
+                gradients, self.direction, fingerprints[mine], step=step, samples=batch[mine]
+            )
+        if self.exact is not None:
+            whole = torch.from_numpy(batch)
+            self.exact.step(
+                flat,
+                self.inputs[whole].to(self.device, self.dtype),
+                self.targets[whole].to(self.device),
+                batch,
+                gradients,
+                settings,
+                batch_index_tracked=batch[mine],
+            )
+        if self.approximate is not None:
+            projected = self.projector.project(gradients) if mine.size else gradients[:, :0]
+            self.approximate.step(batch[mine], projected, settings, batch_size=batch.size)
+
+    def _write_history(self, checkpoint: int) -> None:
+        if not self.history:
+            return
+        for name, tracker in self._trackers():
+            rows = tracker.hypergradient_rows(0, self.selection.n_rows)
+            self.group[f"{name}_history"][checkpoint, self.start : self.stop] = _as_float32(rows)
+
+
+def _as_float32(rows: torch.Tensor) -> np.ndarray:
+    return np.asarray(rows.detach().cpu().numpy(), dtype=np.float32)
+
+
+def _data_from_store(path: str) -> TrainingData:
+    from hydra_store.replay.recorded_run import build_recorded_model, load_run_data
+
+    group = open_group(path)
+    dtype = torch.float64 if group["weights"].dtype == np.float64 else torch.float32
+    train = load_run_data(path).train
+    return TrainingData(build_recorded_model(path, dtype=dtype), train.inputs, train.targets)
+
+
+def _one_thread_per_cluster_worker() -> None:
+    """On a dask.distributed worker, torch gets the worker's own thread count (one by default):
+    several single-threaded workers on one machine, not each spawning a thread per core."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    torch.set_num_threads(max(1, int(worker.state.nthreads)))
