@@ -116,8 +116,8 @@ def record(
     ),
     project_dim: int = typer.Option(
         _RECORD.project_dim,
-        help="Track a seeded random projection of the hypergradients to about this many "
-        "dimensions (approximate mode; Kronecker-factored per parameter tensor).",
+        help="Track a seeded random projection (CountSketch) of the hypergradients to this many "
+        "dimensions (approximate mode); analyze projects the test gradients the same way.",
     ),
     scheduler: str = typer.Option(
         _RECORD.scheduler, help=f"Where partitions run: {SCHEDULER_HELP}."

@@ -293,8 +293,16 @@ class _PartitionRun:
                 if on_step is not None:
                     on_step()
         for name, tracker in self._trackers():
-            rows = tracker.hypergradient_rows(0, self.selection.n_rows)
-            g[name][self.start : self.stop] = _as_float32(rows)
+            self._write_rows(g[name], (), tracker)
+
+    def _write_rows(self, array: zarr.Array, prefix: tuple, tracker) -> None:
+        """The partition's rows into `array[*prefix, start:stop]`, one chunk of rows at a time
+        (so that the encoder's buffers stay at a chunk, not the whole partition)."""
+        block = array.chunks[len(prefix)]
+        for first in range(0, self.selection.n_rows, block):
+            last = min(self.selection.n_rows, first + block)
+            rows = _as_float32(tracker.hypergradient_rows(first, last))
+            array[(*prefix, slice(self.start + first, self.start + last))] = rows
 
     def _step(
         self,
@@ -335,8 +343,7 @@ class _PartitionRun:
         if not self.history:
             return
         for name, tracker in self._trackers():
-            rows = tracker.hypergradient_rows(0, self.selection.n_rows)
-            self.group[f"{name}_history"][checkpoint, self.start : self.stop] = _as_float32(rows)
+            self._write_rows(self.group[f"{name}_history"], (checkpoint,), tracker)
 
 
 def _as_float32(rows: torch.Tensor) -> np.ndarray:

@@ -56,10 +56,8 @@ def describe_store(path: str | Path) -> list[str]:
         lines.append(f"  checkpoints: {arrays['checkpoint_step'].shape[0]}")
     projection = attrs.get("projection")
     if projection:
-        asked = projection.get("target_width")
         lines.append(
             f"  projection {projection.get('kind')}: {projection.get('width')} dimensions"
-            + (f" (asked {asked})" if asked else "")
             + (f", seed {projection['seed']}" if "seed" in projection else "")
         )
     partitions = attrs.get("partitions")
