@@ -73,14 +73,16 @@ def map_tasks(
     progress: Callable[[str, int, int], None] | None = None,
     description: str = "tasks",
     n_workers: int | None = None,
+    shared: tuple[Any, ...] = (),
 ) -> list[T]:
-    """`[function(*args) for args in arguments]`, each call an independent dask task on the
-    scheduler named by `scheduler`, in the order of `arguments`, reporting
+    """`[function(*shared, *args) for args in arguments]`, each call an independent dask task
+    on the scheduler named by `scheduler`, in the order of `arguments`, reporting
     `progress(description, finished, total)` as tasks finish. `n_workers`: threads at once
     (local threads), or workers of a LocalCluster (default: dask's).
 
     On a cluster `function` and its arguments are pickled to worker processes: it must be a
-    module-level function that loads what it needs itself.
+    module-level function. `shared` objects (a model, a data set) are sent to every worker once
+    (scattered with broadcast), not once per task.
     """
     total = len(arguments)
     with dask_scheduler(scheduler, n_workers=n_workers) as client:
@@ -89,7 +91,7 @@ def map_tasks(
             finished = [0]
 
             def task(*args: Any) -> T:
-                result = function(*args)
+                result = function(*shared, *args)
                 with lock:
                     finished[0] += 1
                     if progress is not None:
@@ -100,7 +102,8 @@ def map_tasks(
             return list(dask.compute(*tasks, num_workers=n_workers))
         from distributed import as_completed
 
-        futures = [client.submit(function, *args, pure=False) for args in arguments]
+        sent = [client.scatter(item, broadcast=True, hash=False) for item in shared]
+        futures = [client.submit(function, *sent, *args, pure=False) for args in arguments]
         order = {future.key: n for n, future in enumerate(futures)}
         results: list[Any] = [None] * total
         for done, future in enumerate(as_completed(futures), start=1):

@@ -32,3 +32,16 @@ def test_map_tasks_with_no_tasks():
 def test_map_tasks_refuses_an_unreachable_scheduler():
     with pytest.raises(SchedulerError, match="no dask scheduler answered"):
         map_tasks(power, [(1, 1)], scheduler="tcp://127.0.0.1:1")
+
+
+def weighted_sum(weights: list[int], index: int) -> int:
+    return weights[index] * index
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "local-cluster"])
+def test_shared_objects_reach_every_task(scheduler):
+    weights = [3, 5, 7, 11]
+    results = map_tasks(
+        weighted_sum, [(i,) for i in range(4)], scheduler=scheduler, shared=(weights,)
+    )
+    assert results == [0, 5, 14, 33]

@@ -115,6 +115,23 @@ class InMemoryTrackedState(TrackedState):
                 "allocated; track fewer samples (--track N)"
             ) from error
 
+    @classmethod
+    def on_buffers(
+        cls, h: torch.Tensor, m: torch.Tensor | None, n_rows: int
+    ) -> InMemoryTrackedState:
+        """A zeroed state on the first `n_rows` rows of existing (rows >= n_rows, width)
+        buffers: a caller that records several states one after another reuses one allocation
+        (fresh memory is zeroed page by page by the kernel, then again by torch: at 4 GiB,
+        seconds each time)."""
+        state = cls.__new__(cls)
+        state.n_rows, state.width = n_rows, int(h.shape[1])
+        state.has_momentum = m is not None
+        state.dtype, state.device = h.dtype, h.device
+        state._scratch = None
+        state.h = h[:n_rows].zero_()
+        state.m = None if m is None else m[:n_rows].zero_()
+        return state
+
     # On the CPU the fused numba kernel does every update. On other devices (CUDA): above this
     # many parameters a row is long enough that in-place passes per row view beat gathering the
     # rows into a block (index_select), computing, and scattering them back (index_copy_); at

@@ -105,8 +105,8 @@ def run_partitions(
 ) -> list[float]:
     """Record every pending partition of a store; returns each one's seconds.
 
-    With `data` None (or on a cluster, whose workers load their own) the model and training
-    set are rebuilt from the store's configuration, which only built-in runs carry.
+    With `data` None the model and training set are rebuilt from the store's configuration
+    (only built-in runs carry one), once here; on a cluster they are sent to each worker once.
     """
     group = open_group(path)
     check_recorded_steps(group)
@@ -115,9 +115,9 @@ def run_partitions(
     total = len(pending) * n_steps
     counter = _StepCounter(total, progress)
     local = scheduler in (None, "", "threads")
-    arguments = [
-        (str(path), p, data if local else None, counter.step if local else None) for p in pending
-    ]
+    pool = StatePool() if local else None
+    data = data or _data_from_store(str(path))
+    arguments = [(str(path), p, counter.step if local else None, pool) for p in pending]
 
     def on_task(description: str, done: int, count: int) -> None:
         if not local:
@@ -130,7 +130,47 @@ def run_partitions(
         n_workers=workers,
         progress=on_task,
         description="partitions",
+        shared=(data,),
     )
+
+
+class StatePool:
+    """Tracked-state buffers handed from one partition to the next in one process, so that
+    each partition does not allocate (and the kernel zero) its gigabytes afresh."""
+
+    def __init__(self) -> None:
+        self._free: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._lent: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._lock = threading.Lock()
+
+    def take(
+        self, n_rows: int, width: int, *, has_momentum: bool, dtype: torch.dtype, device
+    ) -> InMemoryTrackedState:
+        with self._lock:
+            for k, (h, m) in enumerate(self._free):
+                if (
+                    h.shape[0] >= n_rows
+                    and h.shape[1] == width
+                    and h.dtype == dtype
+                    and h.device == torch.device(device)
+                    and (m is not None) == has_momentum
+                ):
+                    del self._free[k]
+                    state = InMemoryTrackedState.on_buffers(h, m, n_rows)
+                    self._lent[id(state)] = (h, m)
+                    return state
+        state = InMemoryTrackedState(
+            n_rows, width, has_momentum=has_momentum, dtype=dtype, device=device
+        )
+        with self._lock:
+            self._lent[id(state)] = (state.h, state.m)
+        return state
+
+    def give_back(self, state: InMemoryTrackedState) -> None:
+        with self._lock:
+            buffers = self._lent.pop(id(state), None)
+            if buffers is not None:
+                self._free.append(buffers)
 
 
 class _StepCounter:
@@ -190,18 +230,24 @@ def check_recorded_steps(group: zarr.Group, *, block: int = 256) -> float:
 
 
 def record_partition(
+    data: TrainingData,
     path: str,
     partition: int,
-    data: TrainingData | None = None,
     on_step: Callable[[], None] | None = None,
+    pool: StatePool | None = None,
 ) -> float:
-    """Record one partition's rows into the store and mark it done; returns its seconds."""
+    """Record one partition's rows into the store and mark it done; returns its seconds.
+
+    `pool`: state buffers shared with the partitions run before and after this one in the
+    same process (local threads)."""
     started = time.perf_counter()
     _one_thread_per_cluster_worker()
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
-    data = data or _data_from_store(path)
-    run = _PartitionRun(group, partition, data)
-    run.record(on_step)
+    run = _PartitionRun(group, partition, data, pool)
+    try:
+        run.record(on_step)
+    finally:
+        run.release()
     group["partition_done"][partition] = True
     return time.perf_counter() - started
 
@@ -209,7 +255,9 @@ def record_partition(
 class _PartitionRun:
     """One partition walking the stored steps."""
 
-    def __init__(self, group: zarr.Group, partition: int, data: TrainingData) -> None:
+    def __init__(
+        self, group: zarr.Group, partition: int, data: TrainingData, pool: StatePool | None
+    ) -> None:
         attrs: dict[str, Any] = group.attrs.asdict()
         info = attrs["partitions"]
         self.group, self.partition = group, partition
@@ -227,8 +275,10 @@ class _PartitionRun:
         momentum = bool(info["has_momentum"])
         mode = attrs["mode"]
 
+        self.pool = pool or StatePool()
+
         def state(width: int) -> InMemoryTrackedState:
-            return InMemoryTrackedState(
+            return self.pool.take(
                 self.selection.n_rows,
                 width,
                 has_momentum=momentum,
@@ -251,6 +301,11 @@ class _PartitionRun:
         self.history = bool(attrs.get("hypergradient_history_recorded", False))
         steps = np.asarray(group["checkpoint_step"][:])
         self.checkpoint_at = {int(s): c for c, s in enumerate(steps)}
+
+    def release(self) -> None:
+        """Hand the state buffers back to the pool for the next partition."""
+        for _, tracker in self._trackers():
+            self.pool.give_back(tracker.state)
 
     def _trackers(self):
         return [

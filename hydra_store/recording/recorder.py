@@ -615,11 +615,12 @@ class HydraRecorder:
 
         A partitioned recording (`self.partitioned`) records its partitions here, on
         `scheduler`, from the stored steps: it needs `training_data` (the model and the whole
-        training set as the batches index it), or, on a cluster, a store of a built-in run.
+        training set as the batches index it), which a built-in run's store can rebuild.
         """
         if self._finished:
             return self.path
-        if self.partitioned and training_data is None and scheduler in ("threads", "", None):
+        built_in = {"dataset", "model"} <= set(self.store.group.attrs.get("config") or {})
+        if self.partitioned and training_data is None and not built_in:
             raise InvalidArgumentError(
                 "this recording's state is larger than its memory budget, so its hypergradients "
                 "are recorded in partitions after training from the training data: call "

@@ -20,6 +20,7 @@ from hydra_store.core.projection import CountSketchProjector
 from hydra_store.data.models import build_model
 from hydra_store.errors import InvalidArgumentError, ReplayMismatchError
 from hydra_store.recording.partitions import (
+    StatePool,
     TrainingData,
     check_recorded_steps,
     pending_partitions,
@@ -251,3 +252,20 @@ def test_a_partition_whose_worker_is_killed_is_recorded_again(digits_store, tmp_
     record_run(tiny_config(expected, epochs=8))
     h, full = group["hypergradient"][:], zarr.open_group(expected, mode="r")["hypergradient"][:]
     assert np.abs(h - full).max() <= 1e-6 * np.abs(full).max()
+
+
+def test_the_state_pool_hands_zeroed_buffers_to_the_next_partition():
+    pool = StatePool()
+    first = pool.take(5, 3, has_momentum=True, dtype=torch.float32, device="cpu")
+    first.h.fill_(2.0)
+    first.m.fill_(3.0)
+    pointer = first.h.data_ptr()
+    pool.give_back(first)
+    second = pool.take(4, 3, has_momentum=True, dtype=torch.float32, device="cpu")
+    assert second.h.data_ptr() == pointer and second.h.shape == (4, 3)
+    assert second.h.abs().sum() == 0 and second.m.abs().sum() == 0
+    # A different shape, or one taken while the buffers are lent, gets its own allocation.
+    other = pool.take(4, 3, has_momentum=True, dtype=torch.float32, device="cpu")
+    assert other.h.data_ptr() != pointer
+    wider = pool.take(2, 4, has_momentum=True, dtype=torch.float32, device="cpu")
+    assert wider.h.shape == (2, 4)
