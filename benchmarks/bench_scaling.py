@@ -279,7 +279,7 @@ def main() -> None:
                     section_full(folder, 60_000, 5_000, "4GiB")
             elif section == "projected":
                 if args.quick:
-                    section_projected(folder, 20_000, 5_000, "40MiB", 256)
+                    section_projected(folder, 20_000, 5_000, "20MiB", 256)
                 else:
                     section_projected(folder, 1_000_000, 100_000, "2GiB", 1024)
             elif section == "quality":

@@ -36,6 +36,23 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def limit_malloc_arenas() -> None:
+    """One glibc malloc arena for the whole process (as MALLOC_ARENA_MAX=1 would).
+
+    A partition recorded on a dask thread otherwise gets its own arena, whose freed blocks are
+    kept: 0.3 GiB more peak RSS over a 4 GiB budget (docs/scaling.md). A no-op where the C
+    library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    m_arena_max = -8
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(m_arena_max, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def progress_bar(total: int, description: str, unit: str = "it") -> tqdm:
     return tqdm(
         total=total,

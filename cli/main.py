@@ -13,6 +13,7 @@ from hydra_store_cli.common import (
     StageBars,
     directory_bytes,
     human_bytes,
+    limit_malloc_arenas,
     progress_bar,
     user_errors,
 )
@@ -130,6 +131,8 @@ def record(
 ) -> None:
     """Train a model with SGD and record HyDRA hypergradients into a Zarr store."""
     from hydra_store.recording.training import prepare_run, record_run
+
+    limit_malloc_arenas()
 
     with user_errors():
         if trajectory_only and mode != "approximate":

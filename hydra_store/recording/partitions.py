@@ -115,7 +115,7 @@ def run_partitions(
     total = len(pending) * n_steps
     counter = _StepCounter(total, progress)
     local = scheduler in (None, "", "threads")
-    pool = StatePool() if local else None
+    pool = StatePool(PartitionLayout.of(group).rows_per_partition) if local else None
     data = data or _data_from_store(str(path))
     arguments = [(str(path), p, counter.step if local else None, pool) for p in pending]
 
@@ -136,9 +136,14 @@ def run_partitions(
 
 class StatePool:
     """Tracked-state buffers handed from one partition to the next in one process, so that
-    each partition does not allocate (and the kernel zero) its gigabytes afresh."""
+    each partition does not allocate (and the kernel zero) its gigabytes afresh.
 
-    def __init__(self) -> None:
+    Every buffer has `rows` rows (the largest partition's), whatever the partition that asks
+    first: tasks run in any order, and a buffer sized for a smaller last partition would not
+    serve the next one."""
+
+    def __init__(self, rows: int = 0) -> None:
+        self.rows = rows
         self._free: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._lent: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._lock = threading.Lock()
@@ -159,11 +164,12 @@ class StatePool:
                     state = InMemoryTrackedState.on_buffers(h, m, n_rows)
                     self._lent[id(state)] = (h, m)
                     return state
-        state = InMemoryTrackedState(
-            n_rows, width, has_momentum=has_momentum, dtype=dtype, device=device
+        full = InMemoryTrackedState(
+            max(n_rows, self.rows), width, has_momentum=has_momentum, dtype=dtype, device=device
         )
+        state = InMemoryTrackedState.on_buffers(full.h, full.m, n_rows)
         with self._lock:
-            self._lent[id(state)] = (state.h, state.m)
+            self._lent[id(state)] = (full.h, full.m)
         return state
 
     def give_back(self, state: InMemoryTrackedState) -> None:
@@ -328,6 +334,7 @@ class _PartitionRun:
             weights = np.asarray(g["step_weights"][first:last])
             batches = np.asarray(g["batch_index"][first:last])
             fingerprints = np.asarray(g["gradient_fingerprint"][first:last])
+            scales = np.asarray(g["gradient_scale"][first:last])
             settings = [
                 SGDSettings(float(a), float(b), float(c))
                 for a, b, c in zip(
@@ -341,7 +348,12 @@ class _PartitionRun:
                 row = batches[k]
                 slots = np.nonzero(row >= 0)[0]
                 self._step(
-                    first + k + 1, row[slots], weights[k], fingerprints[k, slots], settings[k]
+                    first + k + 1,
+                    row[slots],
+                    weights[k],
+                    fingerprints[k, slots],
+                    float(scales[k]),
+                    settings[k],
                 )
                 if first + k + 1 in self.checkpoint_at:
                     self._write_history(self.checkpoint_at[first + k + 1])
@@ -365,6 +377,7 @@ class _PartitionRun:
         batch: np.ndarray,
         weights: np.ndarray,
         fingerprints: np.ndarray,
+        scale: float,
         settings: SGDSettings,
     ) -> None:
         mine = np.nonzero(self.selection.row_of[batch] >= 0)[0]
@@ -377,7 +390,12 @@ class _PartitionRun:
             y = self.targets[index].to(self.device)
             gradients = self.per_sample(x, y)[1]
             check_gradient_fingerprints(
-                gradients, self.direction, fingerprints[mine], step=step, samples=batch[mine]
+                gradients,
+                self.direction,
+                fingerprints[mine],
+                step=step,
+                samples=batch[mine],
+                scale=scale,
             )
         if self.exact is not None:
             whole = torch.from_numpy(batch)

@@ -26,7 +26,11 @@ import numpy as np
 import torch
 
 from hydra_store.arguments import MODES
-from hydra_store.core.fingerprints import fingerprint_direction, gradient_fingerprints
+from hydra_store.core.fingerprints import (
+    fingerprint_direction,
+    gradient_fingerprints,
+    gradient_scale,
+)
 from hydra_store.core.gradients import PerSampleGradients, batch_gradient
 from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
@@ -83,6 +87,11 @@ class EpochRecord:
     train_loss: float
     test_loss: float
     test_accuracy: float
+
+
+# Seed of the fingerprints' direction u: fixed, so that a run recorded twice gives the same
+# store; the check needs u independent of the trajectory, not secret.
+FINGERPRINT_SEED = 20210202
 
 
 class HydraRecorder:
@@ -176,7 +185,7 @@ class HydraRecorder:
         self._check_disk(store, planned_steps, planned_checkpoints)
         self._build_trackers(state_factory)
         self.per_sample = PerSampleGradients(model, self.layout)
-        self._fingerprint_seed = int(np.random.default_rng().integers(2**31))
+        self._fingerprint_seed = FINGERPRINT_SEED
         self._direction = fingerprint_direction(self.layout.n_params, self._fingerprint_seed)
 
         self.store = RecordingStore(store, overwrite=overwrite)
@@ -187,7 +196,11 @@ class HydraRecorder:
         self.epoch = 0
         self._pending: dict[str, list] = {k: [] for k in self._STEP_VARIABLES}
         self._pending_blocks: dict[str, list] = {k: [] for k in self._BLOCK_VARIABLES}
-        self._pending_steps: dict[str, list] = {"step_weights": [], "gradient_fingerprint": []}
+        self._pending_steps: dict[str, list] = {
+            "step_weights": [],
+            "gradient_fingerprint": [],
+            "gradient_scale": [],
+        }
         self._epoch_losses: list[float] = []
         self._epoch_samples = 0
         self.epochs: list[EpochRecord] = []
@@ -377,6 +390,14 @@ class HydraRecorder:
             fill_value=np.nan,
             attrs={"long_name": "<g_i(w_{t-1}), u> of each batch slot (docs/scaling.md)"},
         )
+        s.create_array(
+            "gradient_scale",
+            dims=("step",),
+            shape=(0,),
+            dtype=np.float64,
+            chunks=(65536,),
+            attrs={"long_name": "root-mean-square norm of the step's per-sample gradients"},
+        )
         plan = self.plan
         s.update_attrs(
             {
@@ -447,6 +468,7 @@ class HydraRecorder:
             self._pending_steps["gradient_fingerprint"].append(
                 gradient_fingerprints(gradients, self._direction)
             )
+            self._pending_steps["gradient_scale"].append(gradient_scale(gradients))
         if self.exact is not None:
             weights_before = get_flat_parameters(self.model, self.layout)
             self.exact.step(weights_before, inputs, targets, index, gradients, settings)
@@ -506,9 +528,12 @@ class HydraRecorder:
             for k, f in enumerate(fingerprints):
                 block[k, : f.size] = f
             self.store.append("gradient_fingerprint", block)
+            self.store.append(
+                "gradient_scale", np.asarray(self._pending_steps["gradient_scale"], np.float64)
+            )
         self._pending = {k: [] for k in self._STEP_VARIABLES}
         self._pending_blocks = {k: [] for k in self._BLOCK_VARIABLES}
-        self._pending_steps = {"step_weights": [], "gradient_fingerprint": []}
+        self._pending_steps = {"step_weights": [], "gradient_fingerprint": [], "gradient_scale": []}
         self.store.update_attrs({"recorded_step": int(self.store.group["lr"].shape[0])})
         consolidate(self.path)
         self._last_flush = time.monotonic()

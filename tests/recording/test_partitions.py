@@ -154,7 +154,7 @@ def test_rerunning_pending_partitions_restores_the_rows(partitioned_store, tmp_p
 def test_a_changed_learning_rate_is_refused(partitioned_store, tmp_path):
     group = _pending_copy(partitioned_store, tmp_path / "lr.zarr")
     lr = group["lr"][:]
-    lr[7] *= 1.01
+    lr[7] *= 1.1
     group["lr"][:] = lr
     with pytest.raises(ReplayMismatchError, match="step 8 of the stored trajectory is not the SGD"):
         run_partitions(tmp_path / "lr.zarr", _data())
@@ -255,16 +255,18 @@ def test_a_partition_whose_worker_is_killed_is_recorded_again(digits_store, tmp_
 
 
 def test_the_state_pool_hands_zeroed_buffers_to_the_next_partition():
-    pool = StatePool()
-    first = pool.take(5, 3, has_momentum=True, dtype=torch.float32, device="cpu")
+    pool = StatePool(rows=5)
+    # The last, smaller partition may come first: its buffer still has the largest one's rows.
+    first = pool.take(3, 3, has_momentum=True, dtype=torch.float32, device="cpu")
+    assert first.h.shape == (3, 3)
     first.h.fill_(2.0)
     first.m.fill_(3.0)
     pointer = first.h.data_ptr()
     pool.give_back(first)
-    second = pool.take(4, 3, has_momentum=True, dtype=torch.float32, device="cpu")
-    assert second.h.data_ptr() == pointer and second.h.shape == (4, 3)
+    second = pool.take(5, 3, has_momentum=True, dtype=torch.float32, device="cpu")
+    assert second.h.data_ptr() == pointer and second.h.shape == (5, 3)
     assert second.h.abs().sum() == 0 and second.m.abs().sum() == 0
-    # A different shape, or one taken while the buffers are lent, gets its own allocation.
+    # Another taken while the buffers are lent, or of another width, gets its own allocation.
     other = pool.take(4, 3, has_momentum=True, dtype=torch.float32, device="cpu")
     assert other.h.data_ptr() != pointer
     wider = pool.take(2, 4, has_momentum=True, dtype=torch.float32, device="cpu")

@@ -1,0 +1,91 @@
+"""The trajectory fingerprints: the SGD-update check against torch.optim.SGD itself, and the
+per-sample gradient check's tolerance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hydra_store.core.fingerprints import (
+    check_gradient_fingerprints,
+    check_sgd_steps,
+    fingerprint_direction,
+    gradient_fingerprints,
+    gradient_scale,
+)
+from hydra_store.errors import ReplayMismatchError
+
+
+def _sgd_run(dtype: torch.dtype, steps: int = 30, n_params: int = 500, batch: int = 8):
+    """Weights of torch.optim.SGD driven by known per-sample gradients; returns what a store
+    holds: weights before/after each step, settings, and each step's per-sample gradients."""
+    generator = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(n_params, dtype=dtype, generator=generator))
+    optimizer = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=0.01)
+    weights, grads, lrs = [w.detach().clone()], [], []
+    for t in range(steps):
+        per_sample = torch.randn(batch, n_params, dtype=dtype, generator=generator) * 0.3
+        optimizer.param_groups[0]["lr"] = 0.1 * 0.95**t
+        lrs.append(optimizer.param_groups[0]["lr"])
+        w.grad = per_sample.mean(0)
+        optimizer.step()
+        weights.append(w.detach().clone())
+        grads.append(per_sample)
+    return weights, grads, np.array(lrs)
+
+
+def _check(weights, grads, lrs, u, *, epsilon, lr_factor=1.0, momentum=0.9):
+    w = torch.stack(weights).double().numpy()
+    means = np.array([gradient_fingerprints(g, u).mean() for g in grads])
+    lr = lrs.copy()
+    lr[10] *= lr_factor
+    return check_sgd_steps(
+        w @ u.numpy(),
+        np.abs(w) @ np.abs(u.numpy()),
+        0.0,
+        lr,
+        np.full(lr.size, momentum),
+        np.full(lr.size, 0.01),
+        means,
+        epsilon=epsilon,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_sgd_check_passes_torch_sgd_and_refuses_a_changed_step(dtype):
+    weights, grads, lrs = _sgd_run(dtype)
+    u = fingerprint_direction(500, seed=1)
+    epsilon = float(torch.finfo(dtype).eps) / 2
+    assert _check(weights, grads, lrs, u, epsilon=epsilon) < 0.5
+    with pytest.raises(ReplayMismatchError, match="step 11 of the stored trajectory"):
+        _check(weights, grads, lrs, u, epsilon=epsilon, lr_factor=1.01)
+    with pytest.raises(ReplayMismatchError, match="momentum"):
+        _check(weights, grads, lrs, u, epsilon=epsilon, momentum=0.8)
+
+
+def test_the_direction_is_a_seeded_unit_vector():
+    u = fingerprint_direction(1000, seed=3)
+    assert abs(float(u.norm()) - 1) < 1e-12
+    torch.testing.assert_close(u, fingerprint_direction(1000, seed=3), rtol=0, atol=0)
+    assert not torch.allclose(u, fingerprint_direction(1000, seed=4))
+
+
+def test_a_tiny_gradient_is_judged_against_its_steps_scale():
+    u = fingerprint_direction(100, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    typical = torch.randn(4, 100, dtype=torch.float64, generator=generator)
+    tiny = 1e-6 * torch.randn(1, 100, dtype=torch.float64, generator=generator)
+    gradients = torch.cat([typical, tiny])
+    scale = gradient_scale(gradients)
+    stored = gradient_fingerprints(gradients, u)
+    # The tiny gradient off by 50% of itself: far below 1e-4 of the step's scale.
+    recomputed = gradients.clone()
+    recomputed[4] *= 1.5
+    samples = np.arange(5)
+    check_gradient_fingerprints(recomputed, u, stored, step=1, samples=samples, scale=scale)
+    # A typical gradient off by 1%: refused, naming the sample.
+    recomputed = gradients.clone()
+    recomputed[2] *= 1.01
+    with pytest.raises(ReplayMismatchError, match="training sample 2 at step 7"):
+        check_gradient_fingerprints(recomputed, u, stored, step=7, samples=samples, scale=scale)
