@@ -58,7 +58,7 @@ def check_gradient_fingerprints(
     """Raise ReplayMismatchError unless each recomputed gradient's fingerprint is the stored
     one; `scale`: the step's stored `gradient_scale`."""
     computed = gradient_fingerprints(gradients, direction)
-    norms = np.maximum(gradients.double().norm(dim=1).cpu().numpy(), scale)
+    norms = np.maximum(torch.linalg.vector_norm(gradients, dim=1).double().cpu().numpy(), scale)
     error = np.abs(computed - stored)
     bad = np.nonzero(~(error <= FINGERPRINT_RTOL * norms + 1e-30))[0]
     if bad.size:

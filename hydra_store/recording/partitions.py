@@ -117,14 +117,17 @@ def run_partitions(
     local = scheduler in (None, "", "threads")
     pool = StatePool(PartitionLayout.of(group).rows_per_partition) if local else None
     data = data or _data_from_store(str(path))
-    arguments = [(str(path), p, counter.step if local else None, pool) for p in pending]
+    # One task per worker, each recording its share of the partitions one after another with
+    # one state buffer (a fresh multi-GiB buffer per partition costs seconds of page zeroing).
+    shares = [pending[k::workers] for k in range(workers) if pending[k::workers]]
+    arguments = [(str(path), share, counter.step if local else None, pool) for share in shares]
 
     def on_task(description: str, done: int, count: int) -> None:
         if not local:
-            counter.set(done * n_steps)
+            counter.set(sum(len(share) for share in shares[:done]) * n_steps)
 
-    return map_tasks(
-        record_partition,
+    seconds = map_tasks(
+        record_partitions,
         arguments,
         scheduler=scheduler,
         n_workers=workers,
@@ -132,6 +135,7 @@ def run_partitions(
         description="partitions",
         shared=(data,),
     )
+    return [s for share in seconds for s in share]
 
 
 class StatePool:
@@ -233,6 +237,25 @@ def check_recorded_steps(group: zarr.Group, *, block: int = 256) -> float:
         mean,
         epsilon=epsilon,
     )
+
+
+def record_partitions(
+    data: TrainingData,
+    path: str,
+    partitions: list[int],
+    on_step: Callable[[], None] | None = None,
+    pool: StatePool | None = None,
+) -> list[float]:
+    """Record the given partitions one after another, skipping any already marked done (a
+    task re-run after its worker was lost starts where that worker stopped)."""
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    pool = pool or StatePool(PartitionLayout.of(group).rows_per_partition)
+    seconds = []
+    for partition in partitions:
+        if bool(group["partition_done"][partition]):
+            continue
+        seconds.append(record_partition(data, path, partition, on_step, pool))
+    return seconds
 
 
 def record_partition(

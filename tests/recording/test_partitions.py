@@ -24,6 +24,7 @@ from hydra_store.recording.partitions import (
     TrainingData,
     check_recorded_steps,
     pending_partitions,
+    record_partitions,
     rows_done,
     run_partitions,
 )
@@ -145,10 +146,16 @@ def _data():
 def test_rerunning_pending_partitions_restores_the_rows(partitioned_store, tmp_path):
     group = _pending_copy(partitioned_store, tmp_path / "again.zarr")
     assert pending_partitions(group) == [0, 1, 2] and rows_done(group) == 0
-    run_partitions(tmp_path / "again.zarr", _data())
+    group["partition_done"][1] = True  # as if a lost worker had finished partition 1
+    group["hypergradient"][2:4] = 7.0
+    seconds = run_partitions(tmp_path / "again.zarr", _data())
+    assert len(seconds) == 2  # partitions 0 and 2 only
+    h = np.asarray(group["hypergradient"][:])
     expected = zarr.open_group(partitioned_store, mode="r")["hypergradient"][:]
-    np.testing.assert_array_equal(group["hypergradient"][:], expected)
+    np.testing.assert_array_equal(h[[0, 1, 4, 5]], expected[[0, 1, 4, 5]])
+    assert (h[2:4] == 7.0).all()  # a done partition is not recorded again
     assert pending_partitions(group) == []
+    assert record_partitions(_data(), str(tmp_path / "again.zarr"), [0, 1, 2]) == []
 
 
 def test_a_changed_learning_rate_is_refused(partitioned_store, tmp_path):
