@@ -46,6 +46,7 @@ from hydra_store.core.sgd import SGDSettings
 from hydra_store.core.state import InMemoryTrackedState
 from hydra_store.errors import StoreFormatError
 from hydra_store.execution import map_tasks
+from hydra_store.recording.gradient_log import GradientLogReader, log_folder, remove_log
 from hydra_store.store.format import open_group
 
 
@@ -135,6 +136,7 @@ def run_partitions(
         description="partitions",
         shared=(data,),
     )
+    remove_log(path)
     return [s for share in seconds for s in share]
 
 
@@ -272,7 +274,7 @@ def record_partition(
     started = time.perf_counter()
     _one_thread_per_cluster_worker()
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
-    run = _PartitionRun(group, partition, data, pool)
+    run = _PartitionRun(group, path, partition, data, pool)
     try:
         run.record(on_step)
     finally:
@@ -285,7 +287,12 @@ class _PartitionRun:
     """One partition walking the stored steps."""
 
     def __init__(
-        self, group: zarr.Group, partition: int, data: TrainingData, pool: StatePool | None
+        self,
+        group: zarr.Group,
+        path: str,
+        partition: int,
+        data: TrainingData,
+        pool: StatePool | None,
     ) -> None:
         attrs: dict[str, Any] = group.attrs.asdict()
         info = attrs["partitions"]
@@ -326,13 +333,25 @@ class _PartitionRun:
             else None
         )
         self.per_sample = PerSampleGradients(self.model, self.layout)
+        self.log = (
+            GradientLogReader(
+                log_folder(path),
+                partition,
+                self.projector.width,
+                np.float64 if state_dtype == torch.float64 else np.float32,
+            )
+            if info.get("gradient_log")
+            else None
+        )
         self.direction = fingerprint_direction(self.layout.n_params, info["fingerprint_seed"])
         self.history = bool(attrs.get("hypergradient_history_recorded", False))
         steps = np.asarray(group["checkpoint_step"][:])
         self.checkpoint_at = {int(s): c for c, s in enumerate(steps)}
 
     def release(self) -> None:
-        """Hand the state buffers back to the pool for the next partition."""
+        """Hand the state buffers back to the pool for the next partition; close the log."""
+        if self.log is not None:
+            self.log.close()
         for _, tracker in self._trackers():
             self.pool.give_back(tracker.state)
 
@@ -347,6 +366,55 @@ class _PartitionRun:
         ]
 
     def record(self, on_step: Callable[[], None] | None) -> None:
+        if self.log is not None:
+            self._record_from_log(on_step)
+        else:
+            self._record_recomputing(on_step)
+        for name, tracker in self._trackers():
+            self._write_rows(self.group[name], (), tracker)
+
+    def _settings(self, first: int, last: int) -> list[SGDSettings]:
+        g = self.group
+        return [
+            SGDSettings(float(a), float(b), float(c))
+            for a, b, c in zip(
+                g["lr"][first:last],
+                g["momentum"][first:last],
+                g["weight_decay"][first:last],
+                strict=True,
+            )
+        ]
+
+    def _record_from_log(self, on_step: Callable[[], None] | None) -> None:
+        """The approximate recurrence fed with the logged gradients of the partition's own
+        samples: no gradient is computed again."""
+        g = self.group
+        n_steps = int(g["lr"].shape[0])
+        block = 4096
+        if 0 in self.checkpoint_at:
+            self._write_history(0)
+        for first in range(0, n_steps, block):
+            last = min(n_steps, first + block)
+            sizes = (np.asarray(g["batch_index"][first:last]) >= 0).sum(axis=1)
+            settings = self._settings(first, last)
+            steps, rows, gradients = self.log.until(last)
+            bounds = np.searchsorted(steps, np.arange(first + 1, last + 2))
+            for k in range(last - first):
+                a, b = bounds[k], bounds[k + 1]
+                self.approximate.step(
+                    self.selection.index[rows[a:b]],
+                    torch.from_numpy(gradients[a:b]).to(self.device, self.approximate.state.dtype),
+                    settings[k],
+                    batch_size=int(sizes[k]),
+                )
+                if first + k + 1 in self.checkpoint_at:
+                    self._write_history(self.checkpoint_at[first + k + 1])
+                if on_step is not None:
+                    on_step()
+
+    def _record_recomputing(self, on_step: Callable[[], None] | None) -> None:
+        """Per-sample gradients of the partition's samples computed again at the stored
+        weights (the exact recurrence needs each step's weights and batch anyway)."""
         g = self.group
         n_steps = int(g["lr"].shape[0])
         block = max(1, g["step_weights"].chunks[0])
@@ -358,15 +426,7 @@ class _PartitionRun:
             batches = np.asarray(g["batch_index"][first:last])
             fingerprints = np.asarray(g["gradient_fingerprint"][first:last])
             scales = np.asarray(g["gradient_scale"][first:last])
-            settings = [
-                SGDSettings(float(a), float(b), float(c))
-                for a, b, c in zip(
-                    g["lr"][first:last],
-                    g["momentum"][first:last],
-                    g["weight_decay"][first:last],
-                    strict=True,
-                )
-            ]
+            settings = self._settings(first, last)
             for k in range(last - first):
                 row = batches[k]
                 slots = np.nonzero(row >= 0)[0]
@@ -382,8 +442,6 @@ class _PartitionRun:
                     self._write_history(self.checkpoint_at[first + k + 1])
                 if on_step is not None:
                     on_step()
-        for name, tracker in self._trackers():
-            self._write_rows(g[name], (), tracker)
 
     def _write_rows(self, array: zarr.Array, prefix: tuple, tracker) -> None:
         """The partition's rows into `array[*prefix, start:stop]`, one chunk of rows at a time

@@ -49,6 +49,7 @@ from hydra_store.core.sgd import (
 from hydra_store.core.state import InMemoryTrackedState, StateFactory, state_nbytes
 from hydra_store.data.models import check_supported_model
 from hydra_store.errors import InvalidArgumentError
+from hydra_store.recording.gradient_log import GradientLogWriter, log_folder
 from hydra_store.recording.memory import (
     StatePlan,
     available_memory_bytes,
@@ -129,8 +130,9 @@ class HydraRecorder:
             stored per-step weights (hydra_store.recording.partitions, docs/scaling.md); then
             `finish` needs the training data.
         workers: partitions recorded at once (each holds its own share of the budget).
-        planned_steps, planned_checkpoints: the run's length when known, for the up-front check
-            that the store fits the free disk space.
+        planned_steps, planned_checkpoints, planned_epochs: the run's length when known, for
+            the up-front check that the store (and a partitioned run's gradient log) fits the
+            free disk space.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class HydraRecorder:
         workers: int = 1,
         planned_steps: int | None = None,
         planned_checkpoints: int | None = None,
+        planned_epochs: int | None = None,
     ) -> None:
         self._check_arguments(n_train, mode, checkpoint_every, hypergradient_history)
         check_supported_model(model)
@@ -182,7 +185,7 @@ class HydraRecorder:
         self.state_dtype = state_dtype or self.dtype
         self.has_momentum = settings.momentum != 0
         self.plan = self._plan_state(state_factory, memory_budget, workers)
-        self._check_disk(store, planned_steps, planned_checkpoints)
+        self._check_disk(store, planned_steps, planned_checkpoints, planned_epochs)
         self._build_trackers(state_factory)
         self.per_sample = PerSampleGradients(model, self.layout)
         self._fingerprint_seed = FINGERPRINT_SEED
@@ -192,6 +195,17 @@ class HydraRecorder:
         self.path = self.store.path
         self._finished = False
         self._write_static(config, attrs, labels, clean)
+        self._log = (
+            GradientLogWriter(
+                log_folder(self.path),
+                self.plan.rows_per_partition,
+                self.plan.n_partitions,
+                self.projector.width,
+                np.float64 if self.state_dtype == torch.float64 else np.float32,
+            )
+            if self._logs_gradients
+            else None
+        )
         self.step_count = 0
         self.epoch = 0
         self._pending: dict[str, list] = {k: [] for k in self._STEP_VARIABLES}
@@ -237,6 +251,16 @@ class HydraRecorder:
     def partitioned(self) -> bool:
         return self.plan is not None and self.plan.partitioned
 
+    @property
+    def _logs_gradients(self) -> bool:
+        """A partitioned projected recording keeps training's projected per-sample gradients
+        in a log for its partitions (K floats a sample: cheap to write and read back, where
+        computing them again costs a per-sample gradient each). A full-dimension one recomputes
+        them: its log would be as large as the hypergradients, and writing and reading it back
+        measured no faster than recomputing (docs/scaling.md). So does the exact recurrence,
+        which needs each step's batch and weights for its Hessian-vector products anyway."""
+        return self.partitioned and self.mode == "approximate" and not self.projector.is_identity
+
     def _plan_state(
         self, state_factory: StateFactory, memory_budget: int | None, workers: int
     ) -> StatePlan | None:
@@ -258,11 +282,15 @@ class HydraRecorder:
             available=available,
         )
 
-    def _check_disk(self, store: str | Path, steps: int | None, checkpoints: int | None) -> None:
+    def _check_disk(
+        self, store: str | Path, steps: int | None, checkpoints: int | None, epochs: int | None
+    ) -> None:
         rows = self.selection.n_rows * sum(self._widths) * 4
         needed = rows * (1 + (checkpoints or 1) * self.hypergradient_history)
         if self.partitioned and steps is not None:
             needed += steps * self.layout.n_params * self._itemsize
+        if self._logs_gradients and epochs is not None:
+            needed += epochs * self.selection.n_rows * (self.projector.width * 4 + 16)
         check_disk_fits(store, needed, "the store")
 
     def _build_trackers(self, state_factory: StateFactory) -> None:
@@ -410,6 +438,7 @@ class HydraRecorder:
                     "state_dtype": str(self.state_dtype).removeprefix("torch."),
                     "has_momentum": self.has_momentum,
                     "fingerprint_seed": self._fingerprint_seed,
+                    "gradient_log": self._logs_gradients,
                 }
             }
         )
@@ -474,15 +503,23 @@ class HydraRecorder:
             self.exact.step(weights_before, inputs, targets, index, gradients, settings)
         if self.approximate is not None:
             self.approximate.step(index, self.projector.project(gradients), settings)
+        if self._log is not None:
+            rows = self.selection.row_of[index]
+            keep = np.nonzero(rows >= 0)[0]
+            if keep.size:
+                tracked = gradients[torch.as_tensor(keep, device=gradients.device)]
+                projected = self.projector.project(tracked).detach().cpu().numpy()
+                self._log.add(self.step_count + 1, rows[keep], projected)
         sgd_step(self.model, self.optimizer, self.layout, gradients)
         if self._batch_labels is not None:
             self._note_labels(index, targets)
         self.step_count += 1
         loss = float(losses.mean())
         self._buffer_step(index, settings, loss)
-        if len(self._pending_steps["step_weights"]) * self.layout.n_params * self._itemsize > (
-            self.STEP_BUFFER_BYTES
-        ):
+        buffered = len(self._pending_steps["step_weights"]) * self.layout.n_params * self._itemsize
+        if self._log is not None:
+            buffered += self._log.buffered_bytes
+        if buffered > self.STEP_BUFFER_BYTES:
             self._flush()
         self._epoch_losses.append(loss * index.size)
         self._epoch_samples += index.size
@@ -531,6 +568,8 @@ class HydraRecorder:
             self.store.append(
                 "gradient_scale", np.asarray(self._pending_steps["gradient_scale"], np.float64)
             )
+        if self._log is not None:
+            self._log.flush()
         self._pending = {k: [] for k in self._STEP_VARIABLES}
         self._pending_blocks = {k: [] for k in self._BLOCK_VARIABLES}
         self._pending_steps = {"step_weights": [], "gradient_fingerprint": [], "gradient_scale": []}

@@ -219,6 +219,7 @@ def _open_recorder(
         workers=config.workers,
         planned_steps=planned_steps,
         planned_checkpoints=config.epochs // config.checkpoint_every + 2,
+        planned_epochs=config.epochs,
     )
     store = recorder.store
     store.create_array("train_label", run.train_labels, dims=("train",))

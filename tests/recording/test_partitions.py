@@ -18,7 +18,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from hydra_store.core.projection import CountSketchProjector
 from hydra_store.data.models import build_model
-from hydra_store.errors import InvalidArgumentError, ReplayMismatchError
+from hydra_store.errors import InvalidArgumentError, ReplayMismatchError, StoreFormatError
 from hydra_store.recording.partitions import (
     StatePool,
     TrainingData,
@@ -278,3 +278,31 @@ def test_the_state_pool_hands_zeroed_buffers_to_the_next_partition():
     assert other.h.data_ptr() != pointer
     wider = pool.take(2, 4, has_momentum=True, dtype=torch.float32, device="cpu")
     assert wider.h.shape == (2, 4)
+
+
+def test_info_shows_the_partitions_done_during_a_recording(partitioned_store, tmp_path):
+    from hydra_store.store.describe import describe_store
+
+    group = _pending_copy(partitioned_store, tmp_path / "progress.zarr")
+    group.attrs["status"] = "recording"
+    group["partition_done"][1] = True
+    lines = describe_store(tmp_path / "progress.zarr")
+    assert "  format 1, status recording" in lines
+    assert any("partitions: 3 of up to 2 samples" in line for line in lines)
+    assert any(line.endswith("1 done, 2 of 6 rows written") for line in lines), lines
+
+
+def test_a_projected_run_logs_gradients_and_removes_the_log(tmp_path):
+    projector = CountSketchProjector(310, 40, seed=2)
+    options = dict(mode="approximate", projector=projector)
+    recorder, parts = record_small(tmp_path / "a.zarr", memory_budget=3 * 640, **options)
+    assert recorder.plan.n_partitions == 2  # 3 rows of 2 x 40 x 8 bytes each
+    assert parts.attrs["partitions"]["gradient_log"]
+    assert not (tmp_path / "a.zarr" / ".gradient-log").exists()
+    _, memory = record_small(tmp_path / "m.zarr", **options)
+    np.testing.assert_array_equal(parts["hypergradient"][:], memory["hypergradient"][:])
+    # Without its log a partition cannot be recorded again: refused, not zeros.
+    group = _pending_copy(tmp_path / "a.zarr", tmp_path / "again.zarr")
+    with pytest.raises(StoreFormatError, match=r"gradient log of partition 0 .* is missing"):
+        run_partitions(tmp_path / "again.zarr", _data())
+    assert not np.asarray(group["partition_done"][:]).any()
