@@ -208,22 +208,27 @@ class _StepCounter:
 
 def check_recorded_steps(group: zarr.Group, *, block: int = 256) -> float:
     """The SGD-update check of every stored step (hydra_store.core.fingerprints), reading the
-    per-step weights once in blocks; returns the largest error relative to its tolerance."""
+    per-step weights once in blocks (or their stored components along u, for a recording whose
+    partitions read a gradient log); returns the largest error relative to its tolerance."""
     info = group.attrs["partitions"]
     direction = fingerprint_direction(int(group.attrs["n_params"]), info["fingerprint_seed"])
     u = direction.numpy()
-    weights = group["step_weights"]
     n_steps = int(group["lr"].shape[0])
     if n_steps == 0:
         return 0.0
-    epsilon = float(np.finfo(weights.dtype).eps) / 2
+    epsilon = float(np.finfo(group["weights"].dtype).eps) / 2
     final = np.asarray(group["weights"][-1], dtype=np.float64)
     dots, abs_dots = np.empty(n_steps + 1), np.empty(n_steps + 1)
-    for start in range(0, n_steps, block):
-        stop = min(n_steps, start + block)
-        rows = np.asarray(weights[start:stop], dtype=np.float64)
-        dots[start:stop] = rows @ u
-        abs_dots[start:stop] = np.abs(rows) @ np.abs(u)
+    if "step_weights" in group:
+        weights = group["step_weights"]
+        for start in range(0, n_steps, block):
+            stop = min(n_steps, start + block)
+            rows = np.asarray(weights[start:stop], dtype=np.float64)
+            dots[start:stop] = rows @ u
+            abs_dots[start:stop] = np.abs(rows) @ np.abs(u)
+    else:
+        dots[:-1] = np.asarray(group["step_weight_dot"][:])
+        abs_dots[:-1] = np.asarray(group["step_weight_abs_dot"][:])
     dots[-1], abs_dots[-1] = final @ u, np.abs(final) @ np.abs(u)
     batches = np.asarray(group["batch_index"][:])
     fingerprints = np.asarray(group["gradient_fingerprint"][:])

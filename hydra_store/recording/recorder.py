@@ -210,11 +210,7 @@ class HydraRecorder:
         self.epoch = 0
         self._pending: dict[str, list] = {k: [] for k in self._STEP_VARIABLES}
         self._pending_blocks: dict[str, list] = {k: [] for k in self._BLOCK_VARIABLES}
-        self._pending_steps: dict[str, list] = {
-            "step_weights": [],
-            "gradient_fingerprint": [],
-            "gradient_scale": [],
-        }
+        self._pending_steps: dict[str, list] = self._empty_step_buffers()
         self._epoch_losses: list[float] = []
         self._epoch_samples = 0
         self.epochs: list[EpochRecord] = []
@@ -287,7 +283,7 @@ class HydraRecorder:
     ) -> None:
         rows = self.selection.n_rows * sum(self._widths) * 4
         needed = rows * (1 + (checkpoints or 1) * self.hypergradient_history)
-        if self.partitioned and steps is not None:
+        if self.partitioned and not self._logs_gradients and steps is not None:
             needed += steps * self.layout.n_params * self._itemsize
         if self._logs_gradients and epochs is not None:
             needed += epochs * self.selection.n_rows * (self.projector.width * 4 + 16)
@@ -398,17 +394,44 @@ class HydraRecorder:
         if not self.projector.is_identity:
             s.update_attrs({"projection": self.projector.to_attrs()})
 
+    _STEP_BUFFERS = (
+        "step_weights",
+        "step_weight_dot",
+        "step_weight_abs_dot",
+        "gradient_fingerprint",
+        "gradient_scale",
+    )
+
+    def _empty_step_buffers(self) -> dict[str, list]:
+        return {name: [] for name in self._STEP_BUFFERS}
+
     def _create_partition_arrays(self) -> None:
-        """The per-step weights and gradient fingerprints the partitions are recorded from."""
+        """What the partitions are recorded from and checked against: the per-step weights (or,
+        when the partitions read a gradient log and need no weights, only their components
+        along the fingerprint direction) and the gradient fingerprints."""
         s, n_params = self.store, self.layout.n_params
-        s.create_array(
-            "step_weights",
-            dims=("step", "param"),
-            shape=(0, n_params),
-            dtype=self._weights_dtype,
-            chunks=matrix_chunks(2**40, n_params, self._itemsize),
-            attrs={"long_name": "w_{t-1}: the weights each step's gradients were taken at"},
-        )
+        if self._logs_gradients:
+            for name, what in (
+                ("step_weight_dot", "<w_{t-1}, u>"),
+                ("step_weight_abs_dot", "<|w_{t-1}|, |u|>"),
+            ):
+                s.create_array(
+                    name,
+                    dims=("step",),
+                    shape=(0,),
+                    dtype=np.float64,
+                    chunks=(65536,),
+                    attrs={"long_name": f"{what}, the weights before each step along u"},
+                )
+        else:
+            s.create_array(
+                "step_weights",
+                dims=("step", "param"),
+                shape=(0, n_params),
+                dtype=self._weights_dtype,
+                chunks=matrix_chunks(2**40, n_params, self._itemsize),
+                attrs={"long_name": "w_{t-1}: the weights each step's gradients were taken at"},
+            )
         s.create_array(
             "gradient_fingerprint",
             dims=("step", "slot"),
@@ -491,9 +514,14 @@ class HydraRecorder:
                 "lower the learning rate"
             )
         if self.partitioned:
-            self._pending_steps["step_weights"].append(
-                get_flat_parameters(self.model, self.layout).cpu().numpy()
-            )
+            weights_before = get_flat_parameters(self.model, self.layout)
+            if self._logs_gradients:
+                u = self._direction.to(weights_before.device)
+                flat = weights_before.double()
+                self._pending_steps["step_weight_dot"].append(float(flat @ u))
+                self._pending_steps["step_weight_abs_dot"].append(float(flat.abs() @ u.abs()))
+            else:
+                self._pending_steps["step_weights"].append(weights_before.cpu().numpy())
             self._pending_steps["gradient_fingerprint"].append(
                 gradient_fingerprints(gradients, self._direction)
             )
@@ -555,12 +583,14 @@ class HydraRecorder:
         for name, rows in self._pending_blocks.items():
             if rows:
                 self.store.append(name, np.stack([np.asarray(r) for r in rows]))
-        weights, fingerprints = (
-            self._pending_steps["step_weights"],
-            self._pending_steps["gradient_fingerprint"],
-        )
-        if weights:
-            self.store.append("step_weights", np.stack(weights))
+        buffers = self._pending_steps
+        fingerprints = buffers["gradient_fingerprint"]
+        if buffers["step_weights"]:
+            self.store.append("step_weights", np.stack(buffers["step_weights"]))
+        for name in ("step_weight_dot", "step_weight_abs_dot"):
+            if buffers[name]:
+                self.store.append(name, np.asarray(buffers[name], dtype=np.float64))
+        if fingerprints:
             block = np.full((len(fingerprints), max(f.size for f in fingerprints)), np.nan)
             for k, f in enumerate(fingerprints):
                 block[k, : f.size] = f
@@ -572,7 +602,7 @@ class HydraRecorder:
             self._log.flush()
         self._pending = {k: [] for k in self._STEP_VARIABLES}
         self._pending_blocks = {k: [] for k in self._BLOCK_VARIABLES}
-        self._pending_steps = {"step_weights": [], "gradient_fingerprint": [], "gradient_scale": []}
+        self._pending_steps = self._empty_step_buffers()
         self.store.update_attrs({"recorded_step": int(self.store.group["lr"].shape[0])})
         consolidate(self.path)
         self._last_flush = time.monotonic()

@@ -299,6 +299,9 @@ def test_a_projected_run_logs_gradients_and_removes_the_log(tmp_path):
     assert recorder.plan.n_partitions == 2  # 3 rows of 2 x 40 x 8 bytes each
     assert parts.attrs["partitions"]["gradient_log"]
     assert not (tmp_path / "a.zarr" / ".gradient-log").exists()
+    # No per-step weights: only their components along u, which the SGD check reads.
+    assert "step_weights" not in parts and parts["step_weight_dot"].shape == (12,)
+    assert check_recorded_steps(parts) < 1e-6
     _, memory = record_small(tmp_path / "m.zarr", **options)
     np.testing.assert_array_equal(parts["hypergradient"][:], memory["hypergradient"][:])
     # Without its log a partition cannot be recorded again: refused, not zeros.
@@ -306,3 +309,8 @@ def test_a_projected_run_logs_gradients_and_removes_the_log(tmp_path):
     with pytest.raises(StoreFormatError, match=r"gradient log of partition 0 .* is missing"):
         run_partitions(tmp_path / "again.zarr", _data())
     assert not np.asarray(group["partition_done"][:]).any()
+    lr = group["lr"][:]
+    lr[3] *= 1.1
+    group["lr"][:] = lr
+    with pytest.raises(ReplayMismatchError, match="step 4 of the stored trajectory"):
+        check_recorded_steps(group)
