@@ -20,7 +20,13 @@ def summary_lines(summary) -> list[str]:
     lines = [
         f"analysed {summary.path} against test set {summary.test_set!r} "
         f"({summary.n_samples} training samples x {summary.n_test} test samples, "
-        f"{summary.n_params} parameters) in {summary.seconds:.1f} s",
+        f"{summary.n_params} parameters"
+        + (
+            f", projected to {summary.projected_width}"
+            if summary.projected_width is not None
+            else ""
+        )
+        + f") in {summary.seconds:.1f} s",
         f"written to group {summary.group}: {', '.join(summary.variables)}",
         f"open with: xr.open_zarr({str(summary.path)!r}, group={summary.group!r})",
     ]

@@ -61,6 +61,7 @@ class AnalyzeSummary:
     noise: NoiseScores | None
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    projected_width: int | None = None  # the projection's width, for a projected store
 
 
 class _TaskProgress(Callback):
@@ -282,6 +283,7 @@ class _AnalysisRun:
             n_samples=int(self.ds.sizes["sample"]),
             n_test=len(self.test_labels),
             n_params=int(self.ds.attrs["n_params"]),
+            projected_width=(self.ds.attrs.get("projection") or {}).get("width"),
             variables=self.written,
             figures=figures,
             extremes=extremes,

@@ -72,3 +72,20 @@ def test_projected_totals_rank_samples_as_the_full_ones(full_and_projected):
     totals = [open_analysis(p)["total_contribution"].values for p in (full, projected)]
     rho = spearmanr(*totals).statistic
     assert rho > 0.95, rho
+
+
+def test_the_cli_records_analyses_and_describes_a_projected_store(tmp_path):
+    from typer.testing import CliRunner
+
+    from hydra_store_cli.main import app
+
+    out = str(tmp_path / "p.zarr")
+    runner = CliRunner()
+    recorded = runner.invoke(app, ["record", "--epochs", "1", "--project-dim", "512", "--out", out])
+    assert recorded.exit_code == 0, recorded.output
+    info = runner.invoke(app, ["info", out])
+    assert "projection count-sketch: 512 dimensions, seed 0" in info.output
+    assert "hypergradient: 1437 x 512 float32" in info.output
+    analysed = runner.invoke(app, ["analyze", out, "--no-figures", "--clusters-k", "20"])
+    assert analysed.exit_code == 0, analysed.output
+    assert "2410 parameters, projected to 512)" in analysed.output
