@@ -24,6 +24,23 @@ from hydra_store.core.sgd import SGDSettings, transition_matrix
 from hydra_store.core.state import TrackedState
 from hydra_store.errors import InvalidArgumentError, UnsupportedOptimizerError
 
+# The store variable of each recurrence, and the recording modes that run it.
+RECURRENCE_VARIABLES = (
+    ("hypergradient", ("approximate", "both")),
+    ("hypergradient_exact", ("exact", "both")),
+)
+
+
+def tracked_variables(mode: str) -> list[str]:
+    """The hypergradient variables a recording mode writes (none for `trajectory`)."""
+    return [name for name, modes in RECURRENCE_VARIABLES if mode in modes]
+
+
+def named_trackers(approximate: object | None, exact: object | None) -> list[tuple[str, object]]:
+    """(store variable, recurrence) of the recurrences that exist."""
+    pairs = zip((name for name, _ in RECURRENCE_VARIABLES), (approximate, exact), strict=True)
+    return [(name, tracker) for name, tracker in pairs if tracker is not None]
+
 
 @dataclass
 class BatchRows:

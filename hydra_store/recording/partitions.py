@@ -39,6 +39,7 @@ from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
     ExactHypergradient,
     TrackedSelection,
+    named_trackers,
 )
 from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
 from hydra_store.core.projection import projector_from_attrs
@@ -74,10 +75,6 @@ class PartitionLayout:
             raise StoreFormatError("this store was not recorded in partitions")
         return cls(int(group.attrs["n_tracked"]), int(info["rows"]))
 
-    @property
-    def count(self) -> int:
-        return -(-self.n_rows // self.rows_per_partition)
-
     def rows(self, partition: int) -> tuple[int, int]:
         start = partition * self.rows_per_partition
         return start, min(self.n_rows, start + self.rows_per_partition)
@@ -87,13 +84,6 @@ def pending_partitions(group: zarr.Group) -> list[int]:
     """Partitions not yet marked done."""
     done = np.asarray(group["partition_done"][:])
     return [int(p) for p in np.nonzero(~done)[0]]
-
-
-def rows_done(group: zarr.Group) -> int:
-    """Tracked rows whose hypergradients are in the store (for `info` during a recording)."""
-    layout = PartitionLayout.of(group)
-    done = np.asarray(group["partition_done"][:])
-    return sum(b - a for p, (a, b) in enumerate(map(layout.rows, range(layout.count))) if done[p])
 
 
 def run_partitions(
@@ -361,14 +351,7 @@ class _PartitionRun:
             self.pool.give_back(tracker.state)
 
     def _trackers(self):
-        return [
-            (name, tracker)
-            for name, tracker in (
-                ("hypergradient", self.approximate),
-                ("hypergradient_exact", self.exact),
-            )
-            if tracker is not None
-        ]
+        return named_trackers(self.approximate, self.exact)
 
     def record(self, on_step: Callable[[], None] | None) -> None:
         if self.log is not None:

@@ -36,6 +36,8 @@ from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
     ExactHypergradient,
     TrackedSelection,
+    named_trackers,
+    tracked_variables,
 )
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
 from hydra_store.core.projection import IdentityProjector, Projector
@@ -236,12 +238,11 @@ class HydraRecorder:
     @property
     def _widths(self) -> list[int]:
         """The tracked vectors' width of each recurrence the mode runs."""
-        widths = []
-        if self.mode in ("approximate", "both"):
-            widths.append(self.projector.width)
-        if self.mode in ("exact", "both"):
-            widths.append(self.layout.n_params)
-        return widths
+        return [self._width(name) for name in tracked_variables(self.mode)]
+
+    def _width(self, name: str) -> int:
+        """The width of a hypergradient variable: the projection's, or the parameter count."""
+        return self.projector.width if name == "hypergradient" else self.layout.n_params
 
     @property
     def partitioned(self) -> bool:
@@ -647,14 +648,7 @@ class HydraRecorder:
         return self.projector.dim if name == "hypergradient" else "param"
 
     def _trackers(self):
-        return [
-            (name, tracker)
-            for name, tracker in (
-                ("hypergradient", self.approximate),
-                ("hypergradient_exact", self.exact),
-            )
-            if tracker is not None
-        ]
+        return named_trackers(self.approximate, self.exact)
 
     def checkpoint(self) -> None:
         """Take a checkpoint of the weights and momentum.
@@ -752,8 +746,8 @@ class HydraRecorder:
         partitions into them."""
         n_rows, rows = self.selection.n_rows, self.plan.rows_per_partition
         n_checkpoints = int(self.store.group["checkpoint_step"].shape[0])
-        for name, _ in self._tracked_names():
-            width = self.projector.width if name == "hypergradient" else self.layout.n_params
+        for name in tracked_variables(self.mode):
+            width = self._width(name)
             chunk_rows = min(rows, matrix_chunks(n_rows, width)[0])
             self.store.create_array(
                 name,
@@ -788,14 +782,6 @@ class HydraRecorder:
             workers=self.plan.workers,
             progress=progress,
         )
-
-    def _tracked_names(self) -> list[tuple[str, str]]:
-        names = []
-        if self.mode in ("approximate", "both"):
-            names.append(("hypergradient", "approximate"))
-        if self.mode in ("exact", "both"):
-            names.append(("hypergradient_exact", "exact"))
-        return names
 
     def fail(self, reason: str) -> None:
         """Mark the store as failed (it keeps what was written, and says it is incomplete)."""

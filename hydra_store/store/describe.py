@@ -93,5 +93,11 @@ def _partition_line(partitions: dict, arrays: dict, n_rows: int) -> str:
     if "partition_done" not in arrays:
         return line + "; not started (training)"
     done = np.asarray(arrays["partition_done"][:])
-    rows_done = sum(min(n_rows, (p + 1) * rows) - p * rows for p in np.nonzero(done)[0])
-    return line + f"; {int(done.sum())} done, {rows_done} of {n_rows} rows written"
+    written = rows_written(done, rows, n_rows)
+    return line + f"; {int(done.sum())} done, {written} of {n_rows} rows written"
+
+
+def rows_written(done: np.ndarray, rows_per_partition: int, n_rows: int) -> int:
+    """Tracked rows in the store of a partitioned recording: those of the partitions done."""
+    starts = np.nonzero(done)[0] * rows_per_partition
+    return int(np.sum(np.minimum(n_rows, starts + rows_per_partition) - starts))

@@ -25,11 +25,11 @@ from hydra_store.recording.partitions import (
     check_recorded_steps,
     pending_partitions,
     record_partitions,
-    rows_done,
     run_partitions,
 )
 from hydra_store.recording.recorder import HydraRecorder
 from hydra_store.recording.training import record_run
+from hydra_store.store.describe import rows_written
 from tests.conftest import small_digits, tiny_config
 
 # float64 small run (tests.conftest.record_small_run): 6 tracked rows of 310 parameters, both
@@ -71,6 +71,12 @@ def record_small(path: Path, *, memory_budget=None, mode="both", projector=None,
             recorder.end_epoch()
         recorder.finish(training_data=TrainingData(_small_model(), inputs, train.targets))
     return recorder, zarr.open_group(path, mode="r")
+
+
+def rows_done(group: zarr.Group) -> int:
+    info = group.attrs["partitions"]
+    done = np.asarray(group["partition_done"][:])
+    return rows_written(done, int(info["rows"]), int(group.attrs["n_tracked"]))
 
 
 def test_partitions_equal_the_in_memory_recording_exact_and_approximate(tmp_path):
