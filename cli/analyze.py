@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def analyze(
-        store: Path = typer.Argument(..., help="a complete hydra-store store"),
+        store: str = typer.Argument(..., help="a complete hydra-store store"),
         test_set: str = typer.Option(
             _ANALYZE.test_set,
             "--test-set",
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def suspects(
-        store: Path = typer.Argument(..., help="a store analysed with `hydra-store analyze`"),
+        store: str = typer.Argument(..., help="a store analysed with `hydra-store analyze`"),
         test_set: str = typer.Option("test", "--test-set", help="the analysed test set"),
         out: Path | None = typer.Option(None, "--out", help="CSV file (default: stdout)"),
     ) -> None:

@@ -9,9 +9,10 @@ import typer
 
 from hydra_store.arguments import RecordConfig
 from hydra_store.execution import SCHEDULER_HELP
+from hydra_store.store.location import store_path, tree_bytes
 from hydra_store_cli.common import (
     StageBars,
-    directory_bytes,
+    call,
     human_bytes,
     limit_malloc_arenas,
     progress_bar,
@@ -89,7 +90,10 @@ def record(
         help="Also store the hypergradients at every checkpoint (checkpoint x sample x param; "
         "written in the background while training goes on).",
     ),
-    out: Path = typer.Option(Path(_RECORD.out), help="Path of the Zarr store to write."),
+    out: str = typer.Option(
+        _RECORD.out,
+        help="Path of the Zarr store to write, or an fsspec URL (s3://bucket/run.zarr).",
+    ),
     overwrite: bool = typer.Option(_RECORD.overwrite, help="Replace an existing store at --out."),
     device: str = typer.Option(_RECORD.device, help="cpu or cuda."),
     mode: str = typer.Option(
@@ -156,7 +160,7 @@ def record(
             label_noise=label_noise,
             checkpoint_every=checkpoint_every,
             hypergradient_history=hypergradient_history,
-            out=str(out),
+            out=out,
             overwrite=overwrite,
             device=device,
             mode="trajectory" if trajectory_only else mode,
@@ -222,7 +226,9 @@ def raise_usage(message: str) -> None:
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="Path of a hydra-store store.")) -> None:
+def info(
+    store: str = typer.Argument(..., help="Path or fsspec URL of a hydra-store store."),
+) -> None:
     """Show what a store holds: run config, status, sizes, epochs, accuracy, analyses."""
     from hydra_store.store.describe import describe_store
 
@@ -230,7 +236,7 @@ def info(store: Path = typer.Argument(..., help="Path of a hydra-store store."))
         lines = describe_store(store)
     for line in lines:
         typer.echo(line)
-    typer.echo(f"  size on disk: {human_bytes(directory_bytes(store))}")
+    typer.echo(f"  size on disk: {human_bytes(call(tree_bytes, store_path(store)))}")
 
 
 def _register_optional() -> None:

@@ -3,8 +3,6 @@ leave-one-out retraining as the ground truth (thin: parse, call, print)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from hydra_store.arguments import CompareConfig, ValidateConfig
@@ -20,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def compare(
-        store: Path = typer.Argument(..., help="the recorded store"),
+        store: str = typer.Argument(..., help="the recorded store"),
         test_set: str = typer.Option(
             _COMPARE.test_set, "--test-set", help="test split or data set"
         ),
@@ -30,7 +28,9 @@ def register(app: typer.Typer) -> None:
             help="also score over checkpoints and plot",
         ),
         every: int = typer.Option(_COMPARE.every, "--every", help="score every k-th checkpoint"),
-        png: Path | None = typer.Option(None, "--png", help="plot path (default beside store)"),
+        png: str | None = typer.Option(
+            None, "--png", help="plot path or URL (default beside store)"
+        ),
     ) -> None:
         """Score the approximate HyDRA contribution (and every stored method) against the exact
         contribution of all training samples: sign error rate and Spearman correlation."""
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def validate(
-        store: Path = typer.Argument(..., help="the recorded store"),
+        store: str = typer.Argument(..., help="the recorded store"),
         test_set: str = typer.Option(
             _VALIDATE.test_set, "--test-set", help="test split or data set"
         ),

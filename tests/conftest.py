@@ -3,7 +3,9 @@ tests that write copy the store first)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,39 @@ def tiny_config(out: Path, **overrides) -> RecordConfig:
     )
     values.update(overrides)
     return RecordConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto's server mode) on 127.0.0.1, an ephemeral port, for
+    the life of the test session; the AWS_* variables point s3fs at it."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            env.setenv(name, value)
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the local S3 server."""
+    import s3fs
+
+    name = f"hydra-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return name
 
 
 @pytest.fixture(scope="session")

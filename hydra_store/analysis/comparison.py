@@ -27,6 +27,7 @@ from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
+from hydra_store.store.location import store_path
 
 Progress = Callable[[str, int, int], None]
 
@@ -157,6 +158,8 @@ def plot_checkpoints(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hydra_store.analysis.plots import save_png
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(steps, errors, marker="o", label="HyDRA approximate (all samples)")
     left.axhline(PAPER_SIGN_ERROR, ls="--", c="gray", label="paper, end (Fashion-MNIST)")
@@ -171,7 +174,7 @@ def plot_checkpoints(
     right.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_png(fig, out, dpi=110)
     plt.close(fig)
 
 
@@ -193,7 +196,7 @@ def run_comparison(
     config = resolve_config(CompareConfig, config, options)
     config.validate()
     started = time.perf_counter()
-    path = Path(path)
+    path = store_path(path)
     require_complete(open_group(path), path)
     test_set, name = config.test_set, group_name(config.test_set)
     exact, approx, computed = exact_totals(path, test_set, progress)
@@ -219,7 +222,7 @@ def run_comparison(
             path, test_set, every=config.every, progress=progress
         )
         png_path = (
-            Path(config.png)
+            store_path(config.png)
             if config.png is not None
             else path.with_name(f"{path.stem}-compare-{name}.png")
         )

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+
+def save_png(fig: Any, path: Any, *, dpi: int) -> None:
+    """Write a figure through the path's own `open`, so that a store on object storage (a
+    `UPath`) receives its figures like a local one."""
+    with path.open("wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
 
 
 def interclass_heatmap(
@@ -29,7 +37,7 @@ def interclass_heatmap(
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -73,7 +81,7 @@ def influencer_grid(
             ax.set_title(f"{kind} {class_names[label]}\n{value:+.2e}", fontsize=7, color=color)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -101,6 +109,6 @@ def extremes_grid(
         axes[r, 0].set_ylabel(name.replace("_", " "), fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
     return path

@@ -50,6 +50,7 @@ from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
+from hydra_store.store.location import store_path
 
 Progress = Callable[[str, int, int], None]
 
@@ -358,7 +359,7 @@ def run_exact_analysis(
     config = resolve_config(ReverseConfig, config, options)
     config.validate()
     started = time.perf_counter()
-    path = Path(path)
+    path = store_path(path)
     require_complete(open_group(path), path)
     trajectory = Trajectory(path)
     end = resolve_checkpoint(len(trajectory.checkpoint_step), config.checkpoint)

@@ -35,6 +35,7 @@ from hydra_store.replay.recorded_run import RunData, load_run_data
 from hydra_store.store.arrays import create_array, matrix_chunks, write_array
 from hydra_store.store.format import now_iso, open_group, require_complete
 from hydra_store.store.groups import replace_group
+from hydra_store.store.location import store_path
 
 # progress(stage, done, total): stage names are stable ("test gradients", "contributions", ...).
 ProgressCallback = Callable[[str, int, int], None]
@@ -188,7 +189,7 @@ def analyze(
     started = time.perf_counter()
     config = config or AnalyzeConfig()
     config.validate()
-    path = Path(path)
+    path = store_path(path)
     require_complete(open_group(path), path)
     ds = xr.open_zarr(str(path))
     variables = hypergradient_variables(ds)
@@ -479,7 +480,7 @@ class SuspectsTable:
 
 def open_analysis(path: str | Path, test_set: str = "test") -> xr.Dataset:
     """The analysis group of a test set as a lazy Dataset (AnalysisError if not analysed yet)."""
-    path = Path(path)
+    path = store_path(path)
     open_group(path)
     name = group_name(test_set)
     if not (path / "analysis" / name / "zarr.json").is_file():

@@ -35,6 +35,7 @@ from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
+from hydra_store.store.location import store_path
 
 Progress = Callable[[str, int, int], None]
 
@@ -174,7 +175,7 @@ def run_validation(
     config = resolve_config(ValidateConfig, config, options)
     config.validate()
     started = time.perf_counter()
-    path = Path(path)
+    path = store_path(path)
     require_complete(open_group(path), path)
     exact, _, _ = exact_totals(path, config.test_set, progress)
     _context.cache_clear()  # the store may have changed since an earlier call in this process

@@ -3,7 +3,9 @@ training computed anyway, appended to one pair of files per partition as trainin
 each partition later reads back exactly its own samples' gradients, in step order, instead of
 computing them again.
 
-Files, under `<store>/.gradient-log/` (deleted once every partition is recorded):
+Files, under `<store>/.gradient-log/` (deleted once every partition is recorded); for a store on
+object storage, under a folder of the local temporary directory named after the store's URL
+(`store.location.local_scratch`), since an object store cannot append:
 
 - `partition-NNNNNN.index`: int64 pairs (step, row), row counted within the partition;
 - `partition-NNNNNN.gradients`: rows of `width` values in the tracked state's dtype (float32,
@@ -15,18 +17,20 @@ and thrown away; zarr's chunk bookkeeping would only add a read-modify-write per
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from hydra_store.errors import StoreFormatError
+from hydra_store.store.location import is_url, local_scratch, store_path
 
 LOG_FOLDER = ".gradient-log"
 
 
-def log_folder(store: str | Path) -> Path:
-    return Path(store) / LOG_FOLDER
+def log_folder(store: str | os.PathLike[str]) -> Path:
+    return local_scratch(store_path(store), LOG_FOLDER)
 
 
 def _files(folder: Path, partition: int) -> tuple[Path, Path]:
@@ -122,5 +126,6 @@ class GradientLogReader:
             self._handle.close()
 
 
-def remove_log(store: str | Path) -> None:
-    shutil.rmtree(log_folder(store), ignore_errors=True)
+def remove_log(store: str | os.PathLike[str]) -> None:
+    folder = log_folder(store)
+    shutil.rmtree(folder.parent if is_url(store) else folder, ignore_errors=True)

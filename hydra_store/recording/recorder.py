@@ -15,11 +15,11 @@ step, so any scheduler works.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ from hydra_store.recording.memory import (
 from hydra_store.recording.partitions import TrainingData, run_partitions
 from hydra_store.store.arrays import matrix_chunks
 from hydra_store.store.format import STATUS_COMPLETE, STATUS_FAILED, consolidate, now_iso
+from hydra_store.store.location import StorePath, is_url
 from hydra_store.store.writer import RecordingStore
 
 
@@ -141,7 +142,7 @@ class HydraRecorder:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        store: str | Path,
+        store: str | os.PathLike[str],
         *,
         n_train: int,
         tracked: Sequence[int] | np.ndarray | None = None,
@@ -280,15 +281,24 @@ class HydraRecorder:
         )
 
     def _check_disk(
-        self, store: str | Path, steps: int | None, checkpoints: int | None, epochs: int | None
+        self,
+        store: str | os.PathLike[str],
+        steps: int | None,
+        checkpoints: int | None,
+        epochs: int | None,
     ) -> None:
         rows = self.selection.n_rows * sum(self._widths) * 4
         needed = rows * (1 + (checkpoints or 1) * self.hypergradient_history)
         if self.partitioned and not self._logs_gradients and steps is not None:
             needed += steps * self.layout.n_params * self._itemsize
+        log = 0
         if self._logs_gradients and epochs is not None:
-            needed += epochs * self.selection.n_rows * (self.projector.width * 4 + 16)
-        check_disk_fits(store, needed, "the store")
+            log = epochs * self.selection.n_rows * (self.projector.width * 4 + 16)
+        if is_url(store):
+            # Object storage has no free-space figure; the gradient log is local.
+            check_disk_fits(log_folder(store), log, "the gradient log")
+        else:
+            check_disk_fits(store, needed + log, "the store")
 
     def _build_trackers(self, state_factory: StateFactory) -> None:
         """The approximate and/or exact recurrence of the mode, each over its own state (none
@@ -698,7 +708,7 @@ class HydraRecorder:
         training_data: TrainingData | None = None,
         scheduler: str = "threads",
         partition_progress: Callable[[str, int, int], None] | None = None,
-    ) -> Path:
+    ) -> StorePath:
         """Write the hypergradients and the last checkpoint, then mark the store complete.
 
         A partitioned recording (`self.partitioned`) records its partitions here, on

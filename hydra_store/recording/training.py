@@ -23,6 +23,7 @@ from hydra_store.recording.memory import StatePlan, parse_size
 from hydra_store.recording.partitions import TrainingData
 from hydra_store.recording.recorder import EpochRecord, HydraRecorder
 from hydra_store.store.format import check_output_path
+from hydra_store.store.location import StorePath, tree_bytes
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class RecordSummary:
-    path: Path
+    path: StorePath
     epochs: tuple[EpochRecord, ...]
     n_train: int
     n_tracked: int
@@ -125,7 +126,7 @@ def prepare_run(config: RecordConfig) -> PreparedRun:
         seed=config.seed,
     ).to(device)
     tracked = select_tracked(config.track, noisy, config.seed)
-    check_output_path(Path(config.out), config.overwrite)
+    check_output_path(config.out, config.overwrite)
     return PreparedRun(
         config=config,
         bundle=bundle,
@@ -175,9 +176,8 @@ def record_run(
             scheduler=config.scheduler,
             partition_progress=partition_progress,
         )
-    store_bytes = sum(f.stat().st_size for f in Path(config.out).rglob("*") if f.is_file())
     return RecordSummary(
-        path=Path(config.out),
+        path=recorder.path,
         epochs=tuple(recorder.epochs),
         n_train=n_train,
         n_tracked=int(run.tracked.size),
@@ -185,7 +185,7 @@ def record_run(
         seconds=time.perf_counter() - started,
         training_seconds=loop.training_seconds,
         samples_per_second=n_train * config.epochs / max(loop.training_seconds, 1e-9),
-        store_bytes=store_bytes,
+        store_bytes=tree_bytes(recorder.path),
         n_partitions=recorder.plan.n_partitions if recorder.plan is not None else 1,
         partition_seconds=time.perf_counter() - finishing if recorder.partitioned else 0.0,
     )

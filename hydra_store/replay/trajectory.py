@@ -17,6 +17,7 @@ from hydra_store.data.datasets import Split
 from hydra_store.errors import InvalidArgumentError, ReplayMismatchError
 from hydra_store.replay.recorded_run import build_recorded_model, load_run_data
 from hydra_store.store.format import open_group
+from hydra_store.store.location import store_path
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Trajectory:
     """The recorded trajectory of a store, read segment by segment between checkpoints."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = store_path(path)
         self.group = open_group(path)
         self.checkpoint_step = np.asarray(self.group["checkpoint_step"][:])
         self.n_steps = int(self.group["lr"].shape[0])

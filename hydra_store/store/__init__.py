@@ -27,6 +27,14 @@ from hydra_store.store.format import (
     writable_group,
 )
 from hydra_store.store.groups import replace_group, write_result_group
+from hydra_store.store.location import (
+    StorePath,
+    is_url,
+    local_scratch,
+    remove_tree,
+    store_path,
+    tree_bytes,
+)
 from hydra_store.store.writer import RecordingStore
 
 __all__ = [
@@ -37,17 +45,23 @@ __all__ = [
     "STATUS_FAILED",
     "STATUS_RECORDING",
     "RecordingStore",
+    "StorePath",
     "check_output_path",
     "consolidate",
     "create_array",
     "is_store",
+    "is_url",
+    "local_scratch",
     "matrix_chunks",
     "now_iso",
     "open_dataset",
     "open_group",
     "prepare_output_path",
+    "remove_tree",
     "replace_group",
     "require_complete",
+    "store_path",
+    "tree_bytes",
     "writable_group",
     "write_array",
     "write_result_group",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from os import PathLike
 
 import numpy as np
 
 from hydra_store.store.format import open_group
 
 
-def describe_store(path: str | Path) -> list[str]:
+def describe_store(path: str | PathLike[str]) -> list[str]:
     """Lines describing a store: status, run configuration, sizes, training metrics, analyses."""
     group = open_group(path)
     attrs = dict(group.attrs)

@@ -5,11 +5,10 @@ nothing of training."""
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import warnings
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 
 import xarray as xr
 import zarr
@@ -19,6 +18,15 @@ from hydra_store.errors import (
     StoreFormatError,
     StoreIncompleteError,
     StoreNotFoundError,
+)
+from hydra_store.store.location import (
+    StorePath,
+    check_bucket,
+    exists,
+    is_url,
+    location_text,
+    remove_tree,
+    store_path,
 )
 
 FORMAT_VERSION = 1
@@ -31,18 +39,19 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def is_store(path: Path) -> bool:
+def is_store(path: str | os.PathLike[str]) -> bool:
+    path = store_path(path)
     meta = path / "zarr.json"
     if not meta.is_file():
         return False
     try:
-        group = zarr.open_group(path, mode="r", use_consolidated=False)
+        group = zarr.open_group(location_text(path), mode="r", use_consolidated=False)
     except Exception:
         return False
     return "hydra_store_format" in group.attrs
 
 
-def consolidate(path: Path | str) -> None:
+def consolidate(path: str | os.PathLike[str]) -> None:
     """Write consolidated metadata so that xarray opens the store without warnings.
 
     zarr warns that consolidated metadata is not in the v3 spec; xarray relies on it, so the
@@ -50,12 +59,16 @@ def consolidate(path: Path | str) -> None:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(location_text(store_path(path)))
 
 
-def check_output_path(path: Path, overwrite: bool) -> None:
+def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> None:
     """Raise if `path` may not receive a new store; changes nothing."""
-    if not path.exists():
+    path = store_path(path)
+    if not exists(path):
+        if is_url(path):
+            check_bucket(path)
+            return
         if not path.parent.exists():
             raise StoreNotFoundError(
                 f"the directory {path.parent} for the output store does not exist; create it first"
@@ -67,6 +80,11 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         )
     if path.is_dir() and not any(path.iterdir()):
         return
+    if not path.is_dir() and is_url(path):
+        raise StoreExistsError(
+            f"{path} is an object, not a store; refusing to delete it even with --overwrite. "
+            "Choose another --out"
+        )
     if not is_store(path):
         raise StoreExistsError(
             f"{path} exists and is not a hydra-store store; refusing to delete it even with "
@@ -74,24 +92,27 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         )
 
 
-def prepare_output_path(path: Path, overwrite: bool) -> None:
-    """Check the path, then delete an old store there (only with `overwrite`).
+def prepare_output_path(path: str | os.PathLike[str], overwrite: bool) -> StorePath:
+    """Check the path, then delete an old store there (only with `overwrite`); returns it as a
+    path object (`store_path`).
 
     Call this only after every input has been validated.
     """
+    path = store_path(path)
     check_output_path(path, overwrite)
-    if path.exists():
-        shutil.rmtree(path)
+    if exists(path):
+        remove_tree(path)
+    return path
 
 
-def open_group(path: Path | str, mode: str = "r") -> zarr.Group:
+def open_group(path: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
     """Open a store's root group, checking that it is a hydra-store store of a known version."""
-    path = Path(path)
-    if not path.exists():
+    path = store_path(path)
+    if not exists(path):
         raise StoreNotFoundError(f"no store at {path}; record one with `hydra-store record --out`")
     if not (path / "zarr.json").is_file():
         raise StoreFormatError(f"{path} is not a Zarr v3 store (no zarr.json)")
-    group = zarr.open_group(path, mode=mode, use_consolidated=False)
+    group = zarr.open_group(location_text(path), mode=mode, use_consolidated=False)
     version = group.attrs.get("hydra_store_format")
     if version is None:
         raise StoreFormatError(f"{path} is a Zarr group but not a hydra-store store")
@@ -102,7 +123,7 @@ def open_group(path: Path | str, mode: str = "r") -> zarr.Group:
     return group
 
 
-def require_complete(group: zarr.Group, path: Path | str) -> None:
+def require_complete(group: zarr.Group, path: str | os.PathLike[str]) -> None:
     status = group.attrs.get("status")
     if status != STATUS_COMPLETE:
         raise StoreIncompleteError(
@@ -111,14 +132,14 @@ def require_complete(group: zarr.Group, path: Path | str) -> None:
         )
 
 
-def open_dataset(path: Path | str, *, group: str | None = None) -> xr.Dataset:
+def open_dataset(path: str | os.PathLike[str], *, group: str | None = None) -> xr.Dataset:
     """The recording (or an analysis group) as a lazy xarray Dataset backed by dask."""
     open_group(path)
-    return xr.open_zarr(str(path), group=group)
+    return xr.open_zarr(location_text(store_path(path)), group=group)
 
 
 @contextlib.contextmanager
-def writable_group(path: Path | str) -> Iterator[zarr.Group]:
+def writable_group(path: str | os.PathLike[str]) -> Iterator[zarr.Group]:
     """The root group opened for writing; re-consolidates the metadata on the way out."""
     group = open_group(path, mode="r+")
     try:

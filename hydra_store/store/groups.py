@@ -1,7 +1,12 @@
 """Results written as a whole: a subgroup of the store (e.g. `analysis/test`) is built in a
 private staging directory beside its final place and swapped in by renames, so a reader sees the
 old results or the new ones, never half of either. Every analysis writes through
-`replace_group`."""
+`replace_group`.
+
+On object storage (a store at an fsspec URL) there is no rename: the staged group is copied into
+place instead, its `zarr.json` last, after the old group's `zarr.json` was deleted first. A reader
+in between finds no group (an error), never a mix; a failure while the group is built leaves the
+old results as they were."""
 
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ from typing import Any
 
 import numpy as np
 import zarr
+from upath import UPath
 
 from hydra_store.store.arrays import write_array
 from hydra_store.store.format import consolidate
+from hydra_store.store.location import StorePath, location_text, store_path
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -56,33 +63,56 @@ def _swap_in(target: Path, staging: Path) -> None:
     shutil.rmtree(old)
 
 
+def _copy_in(target: UPath, staging: UPath) -> None:
+    """Object storage: replace `target` by a copy of `staging` (see the module's docstring)."""
+    fs = target.fs
+    if fs.exists(f"{target.path}/zarr.json"):
+        fs.rm(f"{target.path}/zarr.json")
+    if fs.exists(target.path):
+        fs.rm(target.path, recursive=True)
+    metadata = f"{staging.path}/zarr.json"
+    for source in sorted(fs.find(staging.path), key=lambda f: f == metadata):
+        fs.copy(source, target.path + source[len(staging.path) :])
+    fs.rm(staging.path, recursive=True)
+
+
 @contextlib.contextmanager
-def replace_group(root: Path | str, name: str) -> Iterator[tuple[zarr.Group, Path]]:
+def replace_group(
+    root: str | os.PathLike[str], name: str
+) -> Iterator[tuple[zarr.Group, StorePath]]:
     """Yield (an empty group, its directory) in which to build the subgroup `name` of the store
     at `root`; when the block ends without an error the group replaces `name` atomically and
     the store's metadata is consolidated again (at the root only: a group's own consolidated
     metadata would hide subgroups added to it later); on an error it is deleted and `name` is left as
     it was. Paths written under the yielded directory (figures) move with it."""
-    root = Path(root)
+    root = store_path(root)
     parts = name.split("/")
-    parent = zarr.open_group(root, mode="r+", use_consolidated=False)
+    parent = zarr.open_group(location_text(root), mode="r+", use_consolidated=False)
     for part in parts[:-1]:
         parent = parent.require_group(part)
     target = root.joinpath(*parts)
-    _recover(target)
     staging = target.parent / f".{parts[-1]}.partial-{uuid.uuid4().hex[:8]}"
-    group = zarr.open_group(staging, mode="w", zarr_format=3)
+    remote = isinstance(target, UPath)
+    if not remote:
+        _recover(target)
+    group = zarr.open_group(location_text(staging), mode="w", zarr_format=3)
     try:
         yield group, staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if remote:
+            staging.fs.rm(staging.path, recursive=True)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    _swap_in(target, staging)
+    if remote:
+        _copy_in(target, staging)
+    else:
+        _swap_in(target, staging)
     consolidate(root)
 
 
 def write_result_group(
-    root: Path | str,
+    root: str | os.PathLike[str],
     name: str,
     arrays: Mapping[str, tuple[Any, tuple[str, ...], Mapping[str, Any]]],
     attrs: Mapping[str, Any],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from os import PathLike
 from typing import Any
 
 import numpy as np
@@ -19,15 +19,15 @@ from hydra_store.store.format import (
     now_iso,
     prepare_output_path,
 )
+from hydra_store.store.location import location_text
 
 
 class RecordingStore:
     """Write side of a store during recording. All writes are appends of whole blocks."""
 
-    def __init__(self, path: Path | str, *, overwrite: bool = False) -> None:
-        self.path = Path(path)
-        prepare_output_path(self.path, overwrite)
-        self.group = zarr.open_group(self.path, mode="w", zarr_format=3)
+    def __init__(self, path: str | PathLike[str], *, overwrite: bool = False) -> None:
+        self.path = prepare_output_path(path, overwrite)
+        self.group = zarr.open_group(location_text(self.path), mode="w", zarr_format=3)
         self.group.attrs.update(
             {"hydra_store_format": FORMAT_VERSION, "status": STATUS_RECORDING, "created": now_iso()}
         )
