@@ -239,6 +239,42 @@ def info(
     typer.echo(f"  size on disk: {human_bytes(call(tree_bytes, store_path(store)))}")
 
 
+@app.command()
+def verify(
+    store: str = typer.Argument(..., help="Path or fsspec URL of a hydra-store store."),
+    replay: bool = typer.Option(
+        True, "--replay/--no-replay", help="Also replay the training against its checkpoints."
+    ),
+) -> None:
+    """Read every chunk (checksums), count the recorded steps, checkpoints and rows, and replay
+    the training against the stored checkpoints; exit 1 on any fault."""
+    from hydra_store.replay.verification import verify_recording
+
+    stages = StageBars()
+    with user_errors():
+        try:
+            report = verify_recording(store, replay=replay, progress=stages)
+        finally:
+            stages.close()
+    typer.echo(f"verified {store}: {report.arrays} arrays, {report.chunks} chunks read")
+    if report.unchecked:
+        typer.echo(
+            f"  {len(report.unchecked)} arrays have no checksums (written before checksums "
+            f"existed): damage inside their chunks goes undetected ({', '.join(report.unchecked[:5])}"
+            + (", ..." if len(report.unchecked) > 5 else "")
+            + ")"
+        )
+    for reason in report.skipped:
+        typer.echo(f"  not checked: {reason}")
+    if report.ok:
+        typer.echo("  no faults")
+        return
+    typer.echo(f"  {len(report.faults)} fault(s):")
+    for fault in report.faults:
+        typer.echo(f"    {fault}")
+    raise typer.Exit(1)
+
+
 def _register_optional() -> None:
     """Commands contributed by the analysis modules."""
     from hydra_store_cli import analyze, reverse

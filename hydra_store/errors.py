@@ -54,3 +54,7 @@ class AnalysisError(HydraStoreError):
 
 class SchedulerError(HydraStoreError):
     """A dask scheduler address cannot be reached or started."""
+
+
+class StoreCorruptError(HydraStoreError):
+    """A store's chunks are missing or damaged (failed checksums)."""

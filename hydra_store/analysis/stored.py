@@ -35,6 +35,7 @@ from hydra_store.replay.recorded_run import RunData, load_run_data
 from hydra_store.store.arrays import create_array, matrix_chunks, write_array
 from hydra_store.store.format import now_iso, open_group, require_complete
 from hydra_store.store.groups import replace_group
+from hydra_store.store.integrity import reads_store
 from hydra_store.store.location import store_path
 
 # progress(stage, done, total): stage names are stable ("test gradients", "contributions", ...).
@@ -182,6 +183,7 @@ def stream_contributions(
     return totals, matrix
 
 
+@reads_store
 def analyze(
     path: str | Path, config: AnalyzeConfig | None = None, progress: ProgressCallback | None = None
 ) -> AnalyzeSummary:
@@ -491,6 +493,7 @@ def open_analysis(path: str | Path, test_set: str = "test") -> xr.Dataset:
     return xr.open_zarr(str(path), group=f"analysis/{name}")
 
 
+@reads_store
 def suspects(path: str | Path, test_set: str = "test") -> SuspectsTable:
     """Training samples ranked by total contribution, most harmful first."""
     import pandas as pd

@@ -35,6 +35,7 @@ from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
+from hydra_store.store.integrity import reads_store
 from hydra_store.store.location import store_path
 
 Progress = Callable[[str, int, int], None]
@@ -159,6 +160,7 @@ class ValidationSummary:
         return out
 
 
+@reads_store
 def run_validation(
     path: str | Path,
     config: ValidateConfig | str = "test",

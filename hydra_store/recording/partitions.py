@@ -48,6 +48,7 @@ from hydra_store.core.state import InMemoryTrackedState
 from hydra_store.errors import StoreFormatError
 from hydra_store.execution import map_tasks
 from hydra_store.recording.gradient_log import GradientLogReader, log_folder, remove_log
+from hydra_store.store.arrays import writable
 from hydra_store.store.format import open_group
 
 
@@ -274,7 +275,7 @@ def record_partition(
         run.record(on_step)
     finally:
         run.release()
-    group["partition_done"][partition] = True
+    writable(group["partition_done"])[partition] = True
     return time.perf_counter() - started
 
 
@@ -438,7 +439,7 @@ class _PartitionRun:
         for first in range(0, self.selection.n_rows, block):
             last = min(self.selection.n_rows, first + block)
             rows = _as_float32(tracker.hypergradient_rows(first, last))
-            array[(*prefix, slice(self.start + first, self.start + last))] = rows
+            writable(array)[(*prefix, slice(self.start + first, self.start + last))] = rows
 
     def _step(
         self,

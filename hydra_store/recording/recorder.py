@@ -61,7 +61,7 @@ from hydra_store.recording.memory import (
     plan_state,
 )
 from hydra_store.recording.partitions import TrainingData, run_partitions
-from hydra_store.store.arrays import matrix_chunks
+from hydra_store.store.arrays import matrix_chunks, writable
 from hydra_store.store.format import STATUS_COMPLETE, STATUS_FAILED, consolidate, now_iso
 from hydra_store.store.location import StorePath, is_url
 from hydra_store.store.writer import RecordingStore
@@ -728,7 +728,7 @@ class HydraRecorder:
             self._checkpoint(self.epoch)
         self._flush()
         if self._batch_labels is not None:
-            self.store.group["label"][:] = self._batch_labels
+            writable(self.store.group["label"])[:] = self._batch_labels
         if self.partitioned:
             self._record_partitions(training_data, scheduler, partition_progress)
         for name, tracker in self._trackers():

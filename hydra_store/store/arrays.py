@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 # Uncompressed size aimed at for one chunk of a (sample, param) array: large, whole chunks are
 # what zarr writes fast (docs/design.md, "Measured facts").
@@ -15,6 +15,10 @@ CHUNK_BYTES = 32 * 2**20
 # blosc-lz4 with byte shuffle: ~2.4x on real per-sample gradients at >1 GB/s (zstd, zarr's
 # default, is the slowest of those measured).
 FLOAT_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# Last in every array's chain: a checksum of the encoded chunk, checked before it is
+# decompressed (store/integrity.py). zarr's own default compressor for everything else.
+CHECKSUM_CODEC = Crc32cCodec()
+OTHER_CODEC = ZstdCodec(level=0, checksum=False)
 
 
 def matrix_chunks(n_rows: int, n_cols: int, itemsize: int = 4) -> tuple[int, int]:
@@ -36,11 +40,11 @@ def create_array(
     fill_value: Any = None,
 ) -> zarr.Array:
     """An array of the store's conventions: `dimension_names` always, FLOAT_CODEC for floats,
-    variable-length strings for `str`."""
+    variable-length strings for `str`, a crc32c checksum on every chunk."""
     dtype = str if dtype is str else np.dtype(dtype)
     kwargs: dict[str, Any] = {}
-    if dtype is not str and dtype.kind == "f":
-        kwargs["compressors"] = FLOAT_CODEC
+    is_float = dtype is not str and dtype.kind == "f"
+    kwargs["compressors"] = (FLOAT_CODEC if is_float else OTHER_CODEC, CHECKSUM_CODEC)
     if fill_value is not None:
         kwargs["fill_value"] = fill_value
     return group.create_array(
@@ -56,6 +60,14 @@ def create_array(
         config={"write_empty_chunks": True},
         **kwargs,
     )
+
+
+def writable(array: zarr.Array) -> zarr.Array:
+    """The array as opened for a write: every chunk written, even one equal to the fill value.
+    (`write_empty_chunks` is a run-time setting of an opened array, not stored in its metadata,
+    so an array opened again from its group needs it again: a chunk of zeros left unwritten
+    would look missing to `verify` and to the readers.)"""
+    return array.with_config({"write_empty_chunks": True})
 
 
 def write_array(

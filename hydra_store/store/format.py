@@ -19,6 +19,7 @@ from hydra_store.errors import (
     StoreIncompleteError,
     StoreNotFoundError,
 )
+from hydra_store.store.integrity import require_chunks
 from hydra_store.store.location import (
     StorePath,
     check_bucket,
@@ -124,12 +125,15 @@ def open_group(path: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
 
 
 def require_complete(group: zarr.Group, path: str | os.PathLike[str]) -> None:
+    """Refuse a store whose recording did not finish, or one with missing chunks (which zarr
+    would read as zeros)."""
     status = group.attrs.get("status")
     if status != STATUS_COMPLETE:
         raise StoreIncompleteError(
             f"{path} has status {status!r}: its recording did not finish, so its results would "
             "be partial. Record it again"
         )
+    require_chunks(path, group)
 
 
 def open_dataset(path: str | os.PathLike[str], *, group: str | None = None) -> xr.Dataset:

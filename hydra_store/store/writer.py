@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from hydra_store.store.arrays import create_array, matrix_chunks, write_array
+from hydra_store.store.arrays import create_array, matrix_chunks, writable, write_array
 from hydra_store.store.format import (
     FORMAT_VERSION,
     STATUS_RECORDING,
@@ -62,7 +62,7 @@ class RecordingStore:
 
     def append(self, name: str, block: np.ndarray) -> None:
         """Append rows along the first axis; the slot axis of `batch_index` grows as needed."""
-        array = self.group[name]
+        array = writable(self.group[name])
         block = np.asarray(block)
         if block.ndim == 2 and block.shape[1] > array.shape[1]:
             array.resize((array.shape[0], block.shape[1]))
@@ -121,7 +121,7 @@ class RecordingStore:
                 chunks=(1, *chunks),
                 attrs=attrs,
             )
-        array = self.group[name]
+        array = writable(self.group[name])
         self.wait()
         index = array.shape[0]
         array.resize((index + 1, n_rows, width))
