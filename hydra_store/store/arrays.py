@@ -28,6 +28,12 @@ def matrix_chunks(n_rows: int, n_cols: int, itemsize: int = 4) -> tuple[int, int
     return row_chunk, col_chunk
 
 
+def compressors_for(dtype: Any) -> tuple[Any, ...]:
+    """The bytes-to-bytes codecs of an array: its compressor, then the checksum."""
+    is_float = dtype is not str and np.dtype(dtype).kind == "f"
+    return (FLOAT_CODEC if is_float else OTHER_CODEC, CHECKSUM_CODEC)
+
+
 def create_array(
     group: zarr.Group,
     name: str,
@@ -43,8 +49,7 @@ def create_array(
     variable-length strings for `str`, a crc32c checksum on every chunk."""
     dtype = str if dtype is str else np.dtype(dtype)
     kwargs: dict[str, Any] = {}
-    is_float = dtype is not str and dtype.kind == "f"
-    kwargs["compressors"] = (FLOAT_CODEC if is_float else OTHER_CODEC, CHECKSUM_CODEC)
+    kwargs["compressors"] = compressors_for(dtype)
     if fill_value is not None:
         kwargs["fill_value"] = fill_value
     return group.create_array(
