@@ -58,3 +58,7 @@ class SchedulerError(HydraStoreError):
 
 class StoreCorruptError(HydraStoreError):
     """A store's chunks are missing or damaged (failed checksums)."""
+
+
+class StoreLockedError(HydraStoreError):
+    """Another live process is writing the store (or the result group)."""

@@ -6,7 +6,9 @@ from os import PathLike
 
 import numpy as np
 
-from hydra_store.store.format import open_group
+from hydra_store.store.format import STATUS_RECORDING, open_group
+from hydra_store.store.location import store_path
+from hydra_store.store.locks import live_holder, store_lock_file
 
 
 def describe_store(path: str | PathLike[str]) -> list[str]:
@@ -17,7 +19,8 @@ def describe_store(path: str | PathLike[str]) -> list[str]:
     dataset = attrs.get("dataset") or {}
     lines = [
         f"store {path}",
-        f"  format {attrs['hydra_store_format']}, status {attrs.get('status')}",
+        f"  format {attrs['hydra_store_format']}, status {attrs.get('status')}"
+        + _liveness(path, attrs.get("status")),
     ]
     if attrs.get("status") == "failed" and attrs.get("failure"):
         lines.append(f"  failure: {attrs['failure']}")
@@ -81,6 +84,19 @@ def describe_store(path: str | PathLike[str]) -> list[str]:
             if names:
                 lines.append(f"  {parent}: {', '.join(names)}")
     return lines
+
+
+def _liveness(path: str | PathLike[str], status: str | None) -> str:
+    """For a store still `recording`: whether a live process is writing it, or it was killed."""
+    if status != STATUS_RECORDING:
+        return ""
+    lock = store_lock_file(store_path(path))
+    if lock is None:
+        return ""
+    holder = live_holder(lock)
+    if holder is not None:
+        return f" (live: {holder.describe()})"
+    return " (no process is writing it: the recording was killed or crashed)"
 
 
 def _partition_line(partitions: dict, arrays: dict, n_rows: int) -> str:

@@ -29,6 +29,7 @@ from hydra_store.store.location import (
     remove_tree,
     store_path,
 )
+from hydra_store.store.locks import check_not_written
 
 FORMAT_VERSION = 1
 STATUS_RECORDING = "recording"
@@ -79,6 +80,7 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> None:
         raise StoreExistsError(
             f"{path} already exists; pass --overwrite to replace it, or choose another --out"
         )
+    check_not_written(path)
     if path.is_dir() and not any(path.iterdir()):
         return
     if not path.is_dir() and is_url(path):

@@ -26,6 +26,7 @@ from upath import UPath
 from hydra_store.store.arrays import write_array
 from hydra_store.store.format import consolidate
 from hydra_store.store.location import StorePath, location_text, store_path
+from hydra_store.store.locks import group_lock_file, hold
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -91,24 +92,25 @@ def replace_group(
     for part in parts[:-1]:
         parent = parent.require_group(part)
     target = root.joinpath(*parts)
-    staging = target.parent / f".{parts[-1]}.partial-{uuid.uuid4().hex[:8]}"
-    remote = isinstance(target, UPath)
-    if not remote:
-        _recover(target)
-    group = zarr.open_group(location_text(staging), mode="w", zarr_format=3)
-    try:
-        yield group, staging
-    except BaseException:
+    with hold(group_lock_file(root, name), f"the group {name} of {root}"):
+        staging = target.parent / f".{parts[-1]}.partial-{uuid.uuid4().hex[:8]}"
+        remote = isinstance(target, UPath)
+        if not remote:
+            _recover(target)
+        group = zarr.open_group(location_text(staging), mode="w", zarr_format=3)
+        try:
+            yield group, staging
+        except BaseException:
+            if remote:
+                staging.fs.rm(staging.path, recursive=True)
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if remote:
-            staging.fs.rm(staging.path, recursive=True)
+            _copy_in(target, staging)
         else:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if remote:
-        _copy_in(target, staging)
-    else:
-        _swap_in(target, staging)
-    consolidate(root)
+            _swap_in(target, staging)
+        consolidate(root)
 
 
 def write_result_group(

@@ -14,19 +14,29 @@ import zarr
 from hydra_store.store.arrays import create_array, matrix_chunks, writable, write_array
 from hydra_store.store.format import (
     FORMAT_VERSION,
+    STATUS_COMPLETE,
+    STATUS_FAILED,
     STATUS_RECORDING,
     consolidate,
     now_iso,
     prepare_output_path,
 )
-from hydra_store.store.location import location_text
+from hydra_store.store.location import location_text, store_path
+from hydra_store.store.locks import hold, store_lock_file
 
 
 class RecordingStore:
     """Write side of a store during recording. All writes are appends of whole blocks."""
 
     def __init__(self, path: str | PathLike[str], *, overwrite: bool = False) -> None:
-        self.path = prepare_output_path(path, overwrite)
+        # The lock is taken before an old store is deleted, and held until the status is final.
+        self._lock = hold(store_lock_file(store_path(path)), f"the store {path}")
+        self._lock.__enter__()
+        try:
+            self.path = prepare_output_path(path, overwrite)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
         self.group = zarr.open_group(location_text(self.path), mode="w", zarr_format=3)
         self.group.attrs.update(
             {"hydra_store_format": FORMAT_VERSION, "status": STATUS_RECORDING, "created": now_iso()}
@@ -153,8 +163,12 @@ class RecordingStore:
         self.group.attrs.update(dict(attrs))
 
     def set_status(self, status: str, **extra: Any) -> None:
+        """Set the status; a final one (complete, failed) also releases the store's lock."""
         self.group.attrs.update({"status": status, **extra})
         consolidate(self.path)
+        if status in (STATUS_COMPLETE, STATUS_FAILED) and self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     def close(self) -> None:
         self.wait()

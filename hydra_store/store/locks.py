@@ -1,0 +1,163 @@
+"""One writer at a time.
+
+A recording holds a lock beside its store (`.<store name>.lock` in the same folder: it must
+outlive the deletion of an old store under `--overwrite`); an analysis holds one on the group it
+replaces (`<store>/analysis/.test.lock`). A lock file is created exclusively (`O_EXCL`) and
+names its holder: process id, its start time, host and command. A second writer is refused with
+one line naming the holder. A lock whose holder is gone (same host, and no process with that id
+and start time) is stale: it is taken over.
+
+Locks are local-file-system locks: a store on object storage is not locked (docs/store-format.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hydra_store.errors import StoreLockedError
+from hydra_store.store.location import StorePath, store_path
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    pid: int
+    started: float | None  # the process's start time (clock ticks since boot), against pid reuse
+    host: str
+    command: str
+    since: str
+
+    def describe(self) -> str:
+        return f"`{self.command}` (pid {self.pid} on {self.host}, since {self.since})"
+
+    def is_me(self) -> bool:
+        return self.pid == os.getpid() and self.host == socket.gethostname()
+
+    def is_alive(self) -> bool:
+        """False only when the holder is certainly gone: same host, and no process with its id
+        (or one with its id but another start time)."""
+        if self.host != socket.gethostname():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return self.started is None or _process_start(self.pid) in (None, self.started)
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return float(fields[19])  # field 22 of stat: starttime
+
+
+def _me() -> LockHolder:
+    return LockHolder(
+        pid=os.getpid(),
+        started=_process_start(os.getpid()),
+        host=socket.gethostname(),
+        command=_command(),
+        since=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+
+
+def _command() -> str:
+    """`hydra-store record` for the CLI; the script's name for a Python program."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program == "hydra-store" and len(sys.argv) > 1:
+        return f"hydra-store {sys.argv[1]}"
+    return program
+
+
+def store_lock_file(store: StorePath) -> Path | None:
+    """The recording lock of a local store (None for one on object storage)."""
+    if not isinstance(store, Path):
+        return None
+    return store.parent / f".{store.name}.lock"
+
+
+def group_lock_file(store: StorePath, name: str) -> Path | None:
+    """The lock of the result group `name` (e.g. `analysis/test`) of a local store."""
+    if not isinstance(store, Path):
+        return None
+    *parents, last = name.split("/")
+    return store.joinpath(*parents) / f".{last}.lock"
+
+
+def read_holder(lock: Path) -> LockHolder | None:
+    try:
+        return LockHolder(**json.loads(lock.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def live_holder(lock: Path | None) -> LockHolder | None:
+    """Who holds `lock` now (None: nobody, or only a stale holder)."""
+    if lock is None or not lock.exists():
+        return None
+    holder = read_holder(lock)
+    return holder if holder is not None and holder.is_alive() else None
+
+
+def live_holders_inside(store: StorePath) -> list[LockHolder]:
+    """The live holders of any group lock inside a local store (analyses writing into it)."""
+    if not isinstance(store, Path) or not store.is_dir():
+        return []
+    holders = (live_holder(lock) for lock in store.rglob(".*.lock"))
+    return [holder for holder in holders if holder is not None]
+
+
+@contextlib.contextmanager
+def hold(lock: Path | None, what: str) -> Iterator[None]:
+    """Hold `lock` for the block; refuse (StoreLockedError) while a live process holds it."""
+    if lock is None:
+        yield
+        return
+    me = _me()
+    for _ in range(3):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_holder(lock)
+            if holder is not None and holder.is_alive():
+                raise StoreLockedError(
+                    f"{what} is being written by {holder.describe()}; wait for it to finish "
+                    f"(or, if that process is gone, delete {lock})"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # stale: its holder is gone
+            continue
+        with os.fdopen(handle, "w") as out:
+            json.dump(asdict(me), out)
+        break
+    else:
+        raise StoreLockedError(f"could not take the lock {lock} for {what}; try again")
+    try:
+        yield
+    finally:
+        if read_holder(lock) == me:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+
+
+def check_not_written(path: str | os.PathLike[str]) -> None:
+    """Refuse to replace or delete a store that a live process is recording or analysing."""
+    store = store_path(path)
+    holders = [live_holder(store_lock_file(store)), *live_holders_inside(store)]
+    holders = [h for h in holders if h is not None and not h.is_me()]
+    if holders:
+        raise StoreLockedError(
+            f"{store} is being written by {holders[0].describe()}; refusing to replace it. "
+            "Wait for that run to finish, or choose another --out"
+        )
