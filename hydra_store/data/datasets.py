@@ -36,6 +36,7 @@ import torch
 
 from hydra_store.data.plugins import is_plugin_spec, load_plugin_function
 from hydra_store.errors import DataFilesMissingError, DatasetError, InvalidArgumentError
+from hydra_store.resources import available_memory_bytes
 
 KNOWN_DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
 
@@ -426,6 +427,20 @@ def _parse_synthetic(spec: str) -> dict[str, int]:
     return params
 
 
+def _check_synthetic_fits(spec: str, p: dict[str, int]) -> None:
+    """Refuse, before generating it, a synthetic data set larger than the memory available."""
+    image = p["channels"] * p["size"] ** 2 * 4
+    needed = (p["n"] + p["test"] + p["classes"]) * image
+    available = available_memory_bytes()
+    if available is not None and needed > available // 2:
+        fits = max(0, available // 2 // image - p["test"] - p["classes"])
+        raise DatasetError(
+            f"the data set {spec!r} needs {needed / 2**30:,.1f} GiB in memory but "
+            f"{available / 2**30:,.1f} GiB are available; at this image size about {fits:,} "
+            "training samples fit (use half the memory at most: training needs the rest)"
+        )
+
+
 def _synthetic_labels(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
     """Balanced labels (counts differ by at most one), in random order."""
     return rng.permutation(np.arange(n, dtype=np.int64) % classes)
@@ -447,6 +462,7 @@ def _load_synthetic(spec: str, seed: int) -> DatasetBundle:
     prototypes (the task) do not change with n or test."""
     p = _parse_synthetic(spec)
     size, channels, classes = p["size"], p["channels"], p["classes"]
+    _check_synthetic_fits(spec, p)
     coarse = math.ceil(size / _SYNTHETIC_BLOCK)
     proto_rng = np.random.default_rng([seed, 0])
     coarse_protos = proto_rng.standard_normal((classes, channels, coarse, coarse), dtype=np.float32)

@@ -11,31 +11,16 @@ says what would fit.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from hydra_store.errors import InvalidArgumentError
+from hydra_store.resources import available_memory_bytes as available_memory_bytes
 
 # Share of the memory available at the start that the tracked state may take by default: the
 # rest is for the data set, the model, per-sample gradient buffers and the store writer's chunks.
 STATE_MEMORY_SHARE = 0.8
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else the free physical pages; None if unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def parse_size(text: str, option: str = "--memory-budget") -> int:

@@ -624,3 +624,13 @@ def test_bundle_validates_consistency() -> None:
         DatasetBundle("x", split, empty, None, ("a", "b"), (3,), False)
     ok = DatasetBundle("x", split, split, None, ("a", "b"), (3,), False)
     assert ok.n_classes == 2
+
+
+def test_a_synthetic_data_set_larger_than_memory_is_refused_before_generating(monkeypatch):
+    monkeypatch.setattr("hydra_store.data.datasets.available_memory_bytes", lambda: 2**30)
+    # half of 1 GiB holds 2**29 // (11 * 11 * 4) = 1,109,237 images, less 1,000 test, 10 prototypes
+    with pytest.raises(DatasetError, match=r"needs 41,350\.7 GiB in memory but 1\.0 GiB"):
+        load_dataset("synthetic:n=100,size=100000")
+    with pytest.raises(DatasetError, match=r"about 1,108,227 training samples fit"):
+        load_dataset("synthetic:n=2000000,size=11")
+    assert load_dataset("synthetic:n=1000,size=11").train.inputs.shape == (1000, 1, 11, 11)
