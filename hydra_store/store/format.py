@@ -9,6 +9,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import xarray as xr
 import zarr
@@ -67,6 +68,8 @@ def consolidate(path: str | os.PathLike[str]) -> None:
 def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> None:
     """Raise if `path` may not receive a new store; changes nothing."""
     path = store_path(path)
+    if not is_url(path):
+        _check_not_nested(path)
     if not exists(path):
         if is_url(path):
             check_bucket(path)
@@ -92,6 +95,22 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> None:
         raise StoreExistsError(
             f"{path} exists and is not a hydra-store store; refusing to delete it even with "
             "--overwrite. Choose another --out"
+        )
+
+
+def _check_not_nested(path: Path) -> None:
+    """Refuse an output inside another store (it would become part of that store's hierarchy)
+    or one that holds the current directory (deleting it would pull the floor from under the
+    run)."""
+    resolved = path.resolve()
+    for parent in resolved.parents:
+        if is_store(parent):
+            raise StoreExistsError(
+                f"{path} is inside the store {parent}; choose an --out outside any store"
+            )
+    if resolved.exists() and (resolved == Path.cwd() or resolved in Path.cwd().parents):
+        raise StoreExistsError(
+            f"{path} holds the current directory; refusing to replace it. Choose another --out"
         )
 
 

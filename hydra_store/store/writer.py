@@ -17,6 +17,7 @@ from hydra_store.store.format import (
     STATUS_COMPLETE,
     STATUS_FAILED,
     STATUS_RECORDING,
+    check_output_path,
     consolidate,
     now_iso,
     prepare_output_path,
@@ -30,6 +31,7 @@ class RecordingStore:
 
     def __init__(self, path: str | PathLike[str], *, overwrite: bool = False) -> None:
         # The lock is taken before an old store is deleted, and held until the status is final.
+        check_output_path(path, overwrite)
         self._lock = hold(store_lock_file(store_path(path)), f"the store {path}")
         self._lock.__enter__()
         try:

@@ -164,3 +164,19 @@ def test_hypergradient_history_matches_shorter_runs(tmp_path):
     want = xr.open_zarr(short).hypergradient.values
     np.testing.assert_allclose(history.values[2], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     assert np.abs(history.values[2] - history.values[3]).max() > 1e-3
+
+
+def test_an_output_inside_a_store_or_holding_the_working_directory_is_refused(
+    store_copy, monkeypatch
+):
+    from hydra_store.store.format import check_output_path
+
+    files = sorted(p.name for p in store_copy.iterdir())
+    with pytest.raises(StoreExistsError, match="is inside the store"):
+        RecordingStore(store_copy / "analysis" / "inner.zarr")
+    monkeypatch.chdir(store_copy)
+    with pytest.raises(StoreExistsError, match="holds the current directory"):
+        check_output_path(".", overwrite=True)
+    with pytest.raises(StoreExistsError, match="holds the current directory"):
+        RecordingStore(store_copy.parent, overwrite=True)
+    assert sorted(p.name for p in store_copy.iterdir()) == files
