@@ -23,6 +23,20 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_USAGE)
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line for a file-system failure: what happened, where, and what to do."""
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        return f"the disk is full{where}; free some space and run again"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; check the permissions of the store and its folder"
+    if error.errno == errno.EROFS:
+        return f"the file system is read-only{where}; write to a writable folder"
+    return f"{error.strerror or type(error).__name__}{where}"
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the library's named errors (and Ctrl-C) into one line and a non-zero exit."""
@@ -30,6 +44,8 @@ def user_errors() -> Iterator[None]:
         yield
     except HydraStoreError as error:
         fail(str(error))
+    except OSError as error:
+        fail(describe_os_error(error))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None

@@ -157,3 +157,30 @@ def test_a_killed_recording_never_looks_complete(tmp_path, sig, status):
     assert "hypergradient" not in dict(group.arrays())
     if sig == signal.SIGINT:
         assert "Traceback" not in proc.stderr.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (28, "the disk is full"),  # ENOSPC
+        (13, "permission denied"),  # EACCES
+        (30, "the file system is read-only"),  # EROFS
+    ],
+)
+def test_a_file_system_failure_during_the_final_write_is_one_line_and_a_failed_store(
+    tmp_path, monkeypatch, code, message
+):
+    from hydra_store.store.writer import RecordingStore
+
+    def no_space(self, name, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(self.path / name))
+
+    monkeypatch.setattr(RecordingStore, "write_rows", no_space)
+    out = tmp_path / "full.zarr"
+    result = run("record", "--epochs", "1", "--out", str(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {message} ({out / 'hypergradient'}); " + errors[0].split("; ")[1]]
+    attrs = zarr.open_group(out, mode="r").attrs
+    assert attrs["status"] == "failed"
+    assert f"[Errno {code}]" in attrs["failure"]
