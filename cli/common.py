@@ -9,6 +9,12 @@ from typing import TypeVar
 
 import typer
 from tqdm import tqdm
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import UsageError
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import UsageError
 
 from hydra_store.errors import HydraStoreError
 
@@ -21,6 +27,27 @@ def fail(message: str) -> None:
     """Print one error line to stderr and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_USAGE)
+
+
+class OneLineErrors(TyperGroup):
+    """The app's command group: a bad command line (an unknown option, a value of the wrong
+    type) is one `error:` line and exit 2, like every other error, instead of click's usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as error:
+            message = error.format_message()
+            command = error.ctx.command_path if error.ctx is not None else "hydra-store"
+            if message:  # empty after the help a bare command prints
+                typer.echo(f"error: {message} (see `{command} --help`)", err=True)
+            sys.exit(EXIT_USAGE)
+        except typer.Abort:
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        if isinstance(result, int):  # typer.Exit(code) returns its code outside standalone mode
+            sys.exit(result)
+        return result
 
 
 def describe_os_error(error: OSError) -> str:

@@ -11,6 +11,7 @@ from hydra_store.arguments import RecordConfig
 from hydra_store.execution import SCHEDULER_HELP
 from hydra_store.store.location import store_path, tree_bytes
 from hydra_store_cli.common import (
+    OneLineErrors,
     StageBars,
     call,
     human_bytes,
@@ -23,6 +24,7 @@ from hydra_store_cli.common import (
 _RECORD = RecordConfig()
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="HyDRA: measure how much each training sample helped or hurt each test prediction, "
     "from hypergradients tracked along the whole SGD trajectory and kept in a Zarr store.",
     no_args_is_help=True,

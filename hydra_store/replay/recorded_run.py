@@ -38,7 +38,15 @@ def recorded_config(group: zarr.Group) -> RecordConfig:
             "this store was recorded from a user training loop and does not name its data set "
             "and model; rebuild them in your own code and pass them explicitly"
         )
-    return RecordConfig.from_attrs(config)
+    try:
+        recorded = RecordConfig.from_attrs(config)
+        recorded.validate()
+    except (TypeError, ValueError, AttributeError) as error:
+        raise StoreFormatError(
+            f"the store's `config` attribute is malformed ({error}); the store is damaged. "
+            "Record it again"
+        ) from None
+    return recorded
 
 
 def load_run_data(path: str | Path) -> RunData:

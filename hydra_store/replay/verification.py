@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hydra_store.errors import HydraStoreError
+from hydra_store.errors import HydraStoreError, StoreFormatError
 from hydra_store.replay.trajectory import replay_training
-from hydra_store.store.format import STATUS_COMPLETE, open_group
+from hydra_store.store.format import STATUS_COMPLETE, check_root_attributes, open_group
 from hydra_store.store.integrity import VerifyReport, checked_reads, verify_store
 
 Progress = Callable[[str, int, int], None]
@@ -30,6 +30,12 @@ def verify_recording(
             f"status {attrs.get('status')!r}: the recording did not finish"
             + (f" ({attrs['failure']})" if attrs.get("failure") else "")
         )
+    try:
+        check_root_attributes(group, path)
+    except StoreFormatError as error:
+        report.faults.append(str(error))
+        report.skipped.append("the counts and the replay (malformed attributes)")
+        return report
     report.faults.extend(_count_faults(group, attrs))
     config = attrs.get("config") or {}
     if not replay:

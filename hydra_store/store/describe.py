@@ -6,6 +6,7 @@ from os import PathLike
 
 import numpy as np
 
+from hydra_store.errors import StoreFormatError
 from hydra_store.store.format import STATUS_RECORDING, open_group
 from hydra_store.store.location import store_path
 from hydra_store.store.locks import live_holder, store_lock_file
@@ -14,6 +15,16 @@ from hydra_store.store.locks import live_holder, store_lock_file
 def describe_store(path: str | PathLike[str]) -> list[str]:
     """Lines describing a store: status, run configuration, sizes, training metrics, analyses."""
     group = open_group(path)
+    try:
+        return _describe(path, group)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise StoreFormatError(
+            f"{path} has malformed root attributes ({type(error).__name__}: {error}); the store "
+            "is damaged. `hydra-store verify` checks it"
+        ) from None
+
+
+def _describe(path: str | PathLike[str], group) -> list[str]:
     attrs = dict(group.attrs)
     config = attrs.get("config") or {}
     dataset = attrs.get("dataset") or {}

@@ -145,6 +145,74 @@ def open_group(path: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
     return group
 
 
+def _is_int(value: object, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _valid_layout(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and _is_str_list(value.get("names"))
+        and isinstance(value.get("shapes"), list)
+        and len(value["shapes"]) == len(value["names"])
+        and all(
+            isinstance(shape, list) and all(_is_int(n) for n in shape) for shape in value["shapes"]
+        )
+    )
+
+
+def _valid_dataset(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and _is_str_list(value.get("class_names"))
+        and len(value["class_names"]) >= 1
+        and isinstance(value.get("input_shape"), list)
+        and all(_is_int(n, 1) for n in value["input_shape"])
+    )
+
+
+# What a complete store's root attributes must hold (docs/store-format.md, "Root attributes"):
+# name -> (required, check).
+_ROOT_ATTRIBUTES = {
+    "status": (True, lambda v: isinstance(v, str)),
+    "mode": (True, lambda v: isinstance(v, str)),
+    "n_train": (True, lambda v: _is_int(v, 1)),
+    "n_tracked": (True, _is_int),
+    "n_params": (True, lambda v: _is_int(v, 1)),
+    "recorded_step": (True, _is_int),
+    "parameter_layout": (True, _valid_layout),
+    "config": (False, lambda v: isinstance(v, dict)),
+    "dataset": (False, _valid_dataset),
+    "step_gradient": (False, lambda v: isinstance(v, str)),
+    "projection": (False, lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str)),
+    "partitions": (False, lambda v: isinstance(v, dict)),
+}
+
+
+def check_root_attributes(group: zarr.Group, path: str | os.PathLike[str]) -> None:
+    """Refuse, with one line, a store whose root attributes are missing or of the wrong type
+    (a store edited by hand or damaged), before anything reads them."""
+    attrs = group.attrs
+    built_in = isinstance(attrs.get("config"), dict) and "dataset" in attrs["config"]
+    for name, (required, valid) in _ROOT_ATTRIBUTES.items():
+        if name not in attrs:
+            if required or (name == "dataset" and built_in):
+                raise StoreFormatError(
+                    f"{path} lacks its root attribute {name!r}; the store is damaged or was not "
+                    "written by hydra-store. Record it again"
+                )
+            continue
+        if not valid(attrs[name]):
+            raise StoreFormatError(
+                f"{path} has a malformed root attribute {name!r} ({attrs[name]!r:.60}); the "
+                "store is damaged. Record it again"
+            )
+
+
 def require_complete(group: zarr.Group, path: str | os.PathLike[str]) -> None:
     """Refuse a store whose recording did not finish, or one with missing chunks (which zarr
     would read as zeros)."""
@@ -154,6 +222,7 @@ def require_complete(group: zarr.Group, path: str | os.PathLike[str]) -> None:
             f"{path} has status {status!r}: its recording did not finish, so its results would "
             "be partial. Record it again"
         )
+    check_root_attributes(group, path)
     require_chunks(path, group)
 
 
