@@ -16,7 +16,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # older typer runs on click itself
     from click.exceptions import UsageError
 
-from hydra_store.errors import HydraStoreError
+from hydra_store.errors import HydraStoreError, Terminated
 
 T = TypeVar("T")
 
@@ -76,6 +76,20 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except Terminated:
+        typer.echo("terminated (SIGTERM)", err=True)
+        raise typer.Exit(143) from None
+
+
+def terminate_on_sigterm() -> None:
+    """Turn SIGTERM into a `Terminated` exception in the main thread, so that a recording that
+    is asked to stop marks its store failed (with the reason) instead of vanishing."""
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM received")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def limit_malloc_arenas() -> None:

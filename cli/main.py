@@ -17,6 +17,7 @@ from hydra_store_cli.common import (
     human_bytes,
     limit_malloc_arenas,
     progress_bar,
+    terminate_on_sigterm,
     user_errors,
 )
 
@@ -139,6 +140,7 @@ def record(
     from hydra_store.recording.training import prepare_run, record_run
 
     limit_malloc_arenas()
+    terminate_on_sigterm()
 
     with user_errors():
         if trajectory_only and mode != "approximate":

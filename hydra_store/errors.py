@@ -62,3 +62,8 @@ class StoreCorruptError(HydraStoreError):
 
 class StoreLockedError(HydraStoreError):
     """Another live process is writing the store (or the result group)."""
+
+
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM). A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` swallows it; the recorder marks its store failed on the way out."""

@@ -15,6 +15,7 @@ step, so any scheduler works.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -797,9 +798,15 @@ class HydraRecorder:
         """Mark the store as failed (it keeps what was written, and says it is incomplete)."""
         if self._finished:
             return
-        self.store.close()
-        self.store.set_status(STATUS_FAILED, failure=reason, recorded_step=self.step_count)
         self._finished = True
+        # Keep what can be kept: the buffered steps, then whatever is still being written. Either
+        # may fail too (a full disk); the status must be written all the same.
+        with contextlib.suppress(Exception):
+            self._flush()
+        with contextlib.suppress(Exception):
+            self.store.close()
+        steps = self.store.group["lr"].shape[0] if "lr" in self.store.group else 0
+        self.store.set_status(STATUS_FAILED, failure=reason, recorded_step=int(steps))
 
     def __enter__(self) -> HydraRecorder:
         return self
@@ -815,5 +822,7 @@ class HydraRecorder:
             self._fail_with(exc_type, exc)
 
     def _fail_with(self, exc_type: type[BaseException], exc: BaseException | None) -> None:
-        name = "interrupted" if exc_type is KeyboardInterrupt else exc_type.__name__
-        self.fail(f"{name}: {exc}")
+        if exc_type is KeyboardInterrupt:
+            self.fail("interrupted (Ctrl-C)")
+        else:
+            self.fail(f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__)

@@ -139,7 +139,8 @@ def _wait_for_checkpoints(out: Path, count: int, proc: subprocess.Popen, timeout
 
 
 @pytest.mark.parametrize(
-    ("sig", "status"), [(signal.SIGKILL, "recording"), (signal.SIGINT, "failed")]
+    ("sig", "status"),
+    [(signal.SIGKILL, "recording"), (signal.SIGINT, "failed"), (signal.SIGTERM, "failed")],
 )
 def test_a_killed_recording_never_looks_complete(tmp_path, sig, status):
     out = tmp_path / "killed.zarr"
@@ -155,8 +156,13 @@ def test_a_killed_recording_never_looks_complete(tmp_path, sig, status):
     group = zarr.open_group(out, mode="r")
     assert group.attrs["status"] == status
     assert "hypergradient" not in dict(group.arrays())
-    if sig == signal.SIGINT:
+    if sig != signal.SIGKILL:
         assert "Traceback" not in proc.stderr.read().decode()
+        reason = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "Terminated: SIGTERM"}
+        assert group.attrs["failure"].startswith(reason[sig])
+        # the buffered steps were flushed: the trajectory reaches the recorded step
+        steps = group["lr"].shape[0]
+        assert steps == group.attrs["recorded_step"] >= int(group["checkpoint_step"][-1]) > 0
 
 
 @pytest.mark.parametrize(
