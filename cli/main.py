@@ -124,7 +124,7 @@ def record(
     ),
     project_dim: int = typer.Option(
         _RECORD.project_dim,
-        help="Track a seeded random projection (CountSketch) of the hypergradients to this many "
+        help="Track a seeded random projection (a tensor sketch) of the hypergradients to this many "
         "dimensions (approximate mode); analyze projects the test gradients the same way.",
     ),
     scheduler: str = typer.Option(

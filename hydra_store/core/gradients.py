@@ -119,8 +119,11 @@ def weighted_batch_gradient(
     return torch.cat([g.reshape(-1) for g in grads])[None]
 
 
-# How a store says its steps' gradients were taken (root attribute `step_gradient`).
-STEP_GRADIENT_METHODS = ("per_sample_mean", "batch_backward")
+# How a store says its steps' gradients were taken (root attribute `step_gradient`):
+# the mean of the per-sample gradients, one backward pass, or one backward pass whose
+# convolutions' weight gradients are the sums of their per-sample gradients (sketched
+# per-sample gradients, core/sketched_gradients.py).
+STEP_GRADIENT_METHODS = ("per_sample_mean", "batch_backward", "sketched_backward")
 
 
 def step_gradients(
@@ -134,6 +137,11 @@ def step_gradients(
     """The gradients a recorded step used, by the method the store names in `step_gradient`."""
     if method == "batch_backward":
         return batch_gradient(model, layout, inputs, targets)
+    if method == "sketched_backward":
+        # Imported here: core.sketched_gradients builds on this module.
+        from hydra_store.core.sketched_gradients import sketched_batch_gradient
+
+        return sketched_batch_gradient(model, layout, inputs, targets)
     return per_sample(inputs, targets)
 
 

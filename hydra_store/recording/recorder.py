@@ -9,8 +9,11 @@ tracks the hypergradients of chosen training samples into a store.
             recorder.end_epoch(test_loss=..., test_accuracy=...)
 
 The step uses per-sample gradients (torch.func); their mean is the training gradient, so there
-is no second backward pass. lr, momentum and weight decay are read from the optimizer at every
-step, so any scheduler works.
+is no second backward pass. Under a `TensorSketchProjector` (`record --project-dim`) the
+approximate mode never forms them: one forward and backward pass gives the training gradient and
+each sample's projected gradient (core/sketched_gradients.py; the store's `step_gradient` says
+how, for replay). lr, momentum and weight decay are read from the optimizer at every step, so
+any scheduler works.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from hydra_store.core.hypergradient import (
     tracked_variables,
 )
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
-from hydra_store.core.projection import IdentityProjector, Projector
+from hydra_store.core.projection import IdentityProjector, Projector, TensorSketchProjector
 from hydra_store.core.sgd import (
     SGDSettings,
     check_optimizer_covers_model,
@@ -49,6 +52,7 @@ from hydra_store.core.sgd import (
     sgd_step,
     velocity_of,
 )
+from hydra_store.core.sketched_gradients import SketchedGradients
 from hydra_store.core.state import InMemoryTrackedState, StateFactory, state_nbytes
 from hydra_store.data.models import check_supported_model
 from hydra_store.errors import InvalidArgumentError
@@ -137,6 +141,10 @@ class HydraRecorder:
         planned_steps, planned_checkpoints, planned_epochs: the run's length when known, for
             the up-front check that the store (and a partitioned run's gradient log) fits the
             free disk space.
+        sketch_gradients: with a `TensorSketchProjector` in the approximate mode, take the
+            projected per-sample gradients from one backward pass without forming the
+            per-sample gradients (the default). False: form them and project them, as any
+            other projector does (to compare the two, or measure the difference).
     """
 
     def __init__(
@@ -164,6 +172,7 @@ class HydraRecorder:
         planned_steps: int | None = None,
         planned_checkpoints: int | None = None,
         planned_epochs: int | None = None,
+        sketch_gradients: bool = True,
     ) -> None:
         self._check_arguments(n_train, mode, checkpoint_every, hypergradient_history)
         check_supported_model(model)
@@ -192,6 +201,13 @@ class HydraRecorder:
         self._check_disk(store, planned_steps, planned_checkpoints, planned_epochs)
         self._build_trackers(state_factory)
         self.per_sample = PerSampleGradients(model, self.layout)
+        self.sketched = (
+            SketchedGradients(model, self.layout, self.projector)
+            if sketch_gradients
+            and mode == "approximate"
+            and isinstance(self.projector, TensorSketchProjector)
+            else None
+        )
         self._fingerprint_seed = FINGERPRINT_SEED
         self._direction = fingerprint_direction(self.layout.n_params, self._fingerprint_seed)
 
@@ -397,14 +413,23 @@ class HydraRecorder:
                 "config": dict(config or {}),
                 "software": software_versions(),
                 "recorded_step": 0,
-                "step_gradient": "batch_backward"
-                if self.mode == "trajectory"
-                else "per_sample_mean",
+                "step_gradient": self._step_gradient,
                 **dict(attrs or {}),
             }
         )
         if not self.projector.is_identity:
             s.update_attrs({"projection": self.projector.to_attrs()})
+
+    @property
+    def _step_gradient(self) -> str:
+        """How the steps' gradients are taken (core.gradients.STEP_GRADIENT_METHODS), for
+        replay to take them the same way."""
+        if self.mode == "trajectory":
+            return "batch_backward"
+        if self.sketched is None:
+            return "per_sample_mean"
+        # A model whose hooks failed the sketched path's check takes one plain backward pass.
+        return "batch_backward" if self.sketched.hooks_exact is False else "sketched_backward"
 
     _STEP_BUFFERS = (
         "step_weights",
@@ -516,8 +541,16 @@ class HydraRecorder:
         settings = read_sgd_settings(self.optimizer)
         inputs = inputs.to(self.device, self.dtype)
         targets = targets.to(self.device)
+        sketched = None
         if self.mode == "trajectory":
             losses, gradients = batch_gradient(self.model, self.layout, inputs, targets)
+        elif self.sketched is not None:
+            direction = self._direction if self.partitioned else None
+            checked = self.sketched.hooks_exact is not None
+            sketched = self.sketched(inputs, targets, direction)
+            losses, gradients = sketched.losses, sketched.mean_gradient[None]
+            if not checked and self.sketched.hooks_exact is False:
+                self.store.update_attrs({"step_gradient": self._step_gradient})
         else:
             losses, gradients = self.per_sample(inputs, targets)
         if not torch.isfinite(losses).all():
@@ -534,21 +567,32 @@ class HydraRecorder:
                 self._pending_steps["step_weight_abs_dot"].append(float(flat.abs() @ u.abs()))
             else:
                 self._pending_steps["step_weights"].append(weights_before.cpu().numpy())
-            self._pending_steps["gradient_fingerprint"].append(
-                gradient_fingerprints(gradients, self._direction)
-            )
-            self._pending_steps["gradient_scale"].append(gradient_scale(gradients))
+            if sketched is not None:
+                fingerprints = sketched.fingerprints.double().cpu().numpy()
+                scale = sketched.gradient_scale
+            else:
+                fingerprints = gradient_fingerprints(gradients, self._direction)
+                scale = gradient_scale(gradients)
+            self._pending_steps["gradient_fingerprint"].append(fingerprints)
+            self._pending_steps["gradient_scale"].append(scale)
         if self.exact is not None:
             weights_before = get_flat_parameters(self.model, self.layout)
             self.exact.step(weights_before, inputs, targets, index, gradients, settings)
         if self.approximate is not None:
-            self.approximate.step(index, self.projector.project(gradients), settings)
+            projected = (
+                sketched.projected if sketched is not None else self.projector.project(gradients)
+            )
+            self.approximate.step(index, projected, settings)
         if self._log is not None:
             rows = self.selection.row_of[index]
             keep = np.nonzero(rows >= 0)[0]
             if keep.size:
-                tracked = gradients[torch.as_tensor(keep, device=gradients.device)]
-                projected = self.projector.project(tracked).detach().cpu().numpy()
+                keep_index = torch.as_tensor(keep, device=gradients.device)
+                if sketched is not None:
+                    projected = sketched.projected[keep_index].detach().cpu().numpy()
+                else:
+                    tracked = gradients[keep_index]
+                    projected = self.projector.project(tracked).detach().cpu().numpy()
                 self._log.add(self.step_count + 1, rows[keep], projected)
         sgd_step(self.model, self.optimizer, self.layout, gradients)
         if self._batch_labels is not None:

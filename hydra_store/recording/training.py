@@ -12,8 +12,7 @@ import torch
 
 from hydra_store.arguments import RecordConfig
 from hydra_store.core.gradients import evaluate
-from hydra_store.core.parameters import ParameterLayout
-from hydra_store.core.projection import CountSketchProjector
+from hydra_store.core.sketched_gradients import tensor_sketch_projector
 from hydra_store.data.datasets import DatasetBundle
 from hydra_store.data.models import build_model
 from hydra_store.data.training_data import dataset_attrs, load_training_data
@@ -198,8 +197,7 @@ def _open_recorder(
     config, bundle = run.config, run.bundle
     projector = None
     if config.project_dim is not None:
-        n_params = ParameterLayout.from_model(run.model).n_params
-        projector = CountSketchProjector(n_params, config.project_dim, seed=config.seed)
+        projector = tensor_sketch_projector(run.model, config.project_dim, seed=config.seed)
     recorder = HydraRecorder(
         run.model,
         optimizer,

@@ -84,7 +84,7 @@ def test_the_cli_records_analyses_and_describes_a_projected_store(tmp_path):
     recorded = runner.invoke(app, ["record", "--epochs", "1", "--project-dim", "512", "--out", out])
     assert recorded.exit_code == 0, recorded.output
     info = runner.invoke(app, ["info", out])
-    assert "projection count-sketch: 512 dimensions, seed 0" in info.output
+    assert "projection tensor-sketch: 512 dimensions, seed 0" in info.output
     assert "hypergradient: 1437 x 512 float32" in info.output
     analysed = runner.invoke(app, ["analyze", out, "--no-figures", "--clusters-k", "20"])
     assert analysed.exit_code == 0, analysed.output

@@ -17,6 +17,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from hydra_store.core.projection import CountSketchProjector
+from hydra_store.core.sketched_gradients import tensor_sketch_projector
 from hydra_store.data.models import build_model
 from hydra_store.errors import InvalidArgumentError, ReplayMismatchError, StoreFormatError
 from hydra_store.recording.partitions import (
@@ -111,6 +112,26 @@ def test_projected_partitions_equal_the_projected_in_memory_recording(tmp_path):
     assert recorder.plan.n_partitions == 3  # 2 x 40 x 8 bytes a row: 2 rows each
     assert parts["hypergradient"].shape == (6, projector.width)
     np.testing.assert_array_equal(parts["hypergradient"][:], memory["hypergradient"][:])
+
+
+def test_sketched_partitions_store_the_full_paths_fingerprints(tmp_path):
+    """A tensor-sketch recording under a budget (the projected gradients from one backward
+    pass, each step's fingerprints and gradient scale from the same hooks) against the same
+    projector through full per-sample gradients: the same fingerprints, scales and
+    hypergradients (float64), the SGD-update check passes, and in memory gives the same rows."""
+    projector = tensor_sketch_projector(_small_model(), 40, seed=5)
+    options = dict(mode="approximate", projector=projector, memory_budget=1300)
+    _, sketched = record_small(tmp_path / "s.zarr", **options)
+    _, full = record_small(tmp_path / "f.zarr", sketch_gradients=False, **options)
+    assert sketched.attrs["step_gradient"] == "sketched_backward"
+    assert full.attrs["step_gradient"] == "per_sample_mean"
+    assert sketched.attrs["partitions"]["count"] == 3
+    for name in ("gradient_fingerprint", "gradient_scale", "hypergradient"):
+        got, want = np.asarray(sketched[name][:]), np.asarray(full[name][:])
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=name)
+    assert check_recorded_steps(sketched) < 1e-6
+    _, memory = record_small(tmp_path / "m.zarr", mode="approximate", projector=projector)
+    np.testing.assert_array_equal(sketched["hypergradient"][:], memory["hypergradient"][:])
 
 
 def test_a_built_in_run_under_a_budget_equals_the_unbudgeted_one(digits_store, tmp_path):
@@ -293,7 +314,10 @@ def test_info_shows_the_partitions_done_during_a_recording(partitioned_store, tm
     group.attrs["status"] = "recording"
     group["partition_done"][1] = True
     lines = describe_store(tmp_path / "progress.zarr")
-    assert "  format 1, status recording" in lines
+    assert (
+        "  format 1, status recording (no process is writing it: the recording was killed or crashed)"
+        in lines
+    )
     assert any("partitions: 3 of up to 2 samples" in line for line in lines)
     assert any(line.endswith("1 done, 2 of 6 rows written") for line in lines), lines
 

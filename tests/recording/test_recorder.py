@@ -12,10 +12,13 @@ from torch.func import functional_call, grad, jacfwd
 from hydra_store.arguments import RecordConfig
 from hydra_store.core.gradients import per_sample_loss
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
+from hydra_store.core.sketched_gradients import tensor_sketch_projector
 from hydra_store.data.models import build_model
 from hydra_store.errors import InvalidArgumentError, ModelError, UnsupportedOptimizerError
 from hydra_store.recording.recorder import HydraRecorder
-from tests.conftest import record_small_run, small_digits
+from hydra_store.recording.training import record_run
+from hydra_store.replay.trajectory import replay_training
+from tests.conftest import record_small_run, small_digits, tiny_config
 
 
 def unrolled_final_weights(model, layout, train, store, initial, detach_gradients):
@@ -79,6 +82,66 @@ def test_store_holds_the_recorded_hypergradients(tmp_path):
     np.testing.assert_allclose(
         group["hypergradient_exact"][:], h_exact.numpy().astype(np.float32), rtol=1e-6
     )
+
+
+def test_a_sketched_recording_equals_the_full_path_with_the_same_projector(tmp_path):
+    """The tensor sketch's projected gradients from one backward pass against the same
+    projector applied to full per-sample gradients (float64): the same hypergradients; the
+    sketched store says its steps took one backward pass."""
+    model = build_model("mlp:hidden=4", input_shape=(1, 8, 8), n_classes=10, seed=0)
+    projector = tensor_sketch_projector(model, 40, seed=1)
+    _, _, _, sketched, _ = record_small_run(
+        tmp_path / "s.zarr", mode="approximate", projector=projector
+    )
+    _, _, _, full, _ = record_small_run(
+        tmp_path / "f.zarr", mode="approximate", projector=projector, sketch_gradients=False
+    )
+    assert (sketched - full).abs().max() <= 1e-10 * full.abs().max()
+    assert zarr.open_group(tmp_path / "s.zarr").attrs["step_gradient"] == "sketched_backward"
+    assert zarr.open_group(tmp_path / "f.zarr").attrs["step_gradient"] == "per_sample_mean"
+
+
+def test_a_sketched_built_in_run_replays_to_the_bit(tmp_path):
+    """`record --project-dim` of LeNet-5 (float32, a tensor sketch; the convolutions' weight
+    gradients summed from their per-sample gradients): replay takes the step gradients the
+    same way and reproduces the final weights exactly."""
+    out = tmp_path / "p.zarr"
+    data = "synthetic:n=300,size=28,test=50"
+    record_run(tiny_config(out, dataset=data, model="lenet5", epochs=1, project_dim=64))
+    group = zarr.open_group(out, mode="r")
+    assert group.attrs["projection"]["kind"] == "tensor-sketch"
+    assert group.attrs["step_gradient"] == "sketched_backward"
+    np.testing.assert_array_equal(replay_training(out).numpy(), group["weights"][-1])
+
+
+class _WeightUsedTwice(torch.nn.Module):
+    """A Linear layer whose weight is also used outside the layer's call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(64, 8)
+        self.out = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.hidden(x.flatten(1)))
+        return self.out(h) + h @ self.out.weight.T
+
+
+def test_a_model_the_hooks_cannot_see_records_plain_backward_steps(tmp_path):
+    """The sketched path's first check fails: full per-sample gradients, one plain backward
+    pass per step, and the store says so (replay then takes plain backward passes)."""
+    train = small_digits(24)
+    model = _WeightUsedTwice().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    projector = tensor_sketch_projector(model, 32)
+    recorder = HydraRecorder(model, optimizer, tmp_path / "w.zarr", n_train=24, projector=projector)
+    assert recorder.store.group.attrs["step_gradient"] == "sketched_backward"
+    for start in (0, 8, 16):
+        index = torch.arange(start, start + 8)
+        recorder.step(train.inputs[index].double(), train.targets[index], index)
+    assert recorder.sketched.hooks_exact is False
+    recorder.finish()
+    assert zarr.open_group(tmp_path / "w.zarr").attrs["step_gradient"] == "batch_backward"
 
 
 def test_training_step_equals_backward_and_sgd_step(tmp_path):
@@ -167,9 +230,8 @@ def test_exception_inside_the_recording_marks_the_store_failed(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_recording_matches_cpu(tmp_path):
-    from hydra_store.recording.training import record_run
-
+@pytest.mark.parametrize("project_dim", [None, 256])  # 256: sketched per-sample gradients
+def test_cuda_recording_matches_cpu(tmp_path, project_dim):
     runs = {}
     for device in ("cpu", "cuda"):
         config = RecordConfig(
@@ -178,6 +240,7 @@ def test_cuda_recording_matches_cpu(tmp_path):
             lr=0.1,
             out=str(tmp_path / f"{device}.zarr"),
             device=device,
+            project_dim=project_dim,
         )
         record_run(config)
         runs[device] = zarr.open_group(tmp_path / f"{device}.zarr")
