@@ -3,7 +3,8 @@
 The public Python API (imported on first use, so that `import hydra_store.analysis` on a dask
 worker does not load torch):
 
-- record: `HydraRecorder` (around your own training loop), `RecordConfig` + `record_run`
+- record: `HydraRecorder` (around your own training loop, with `IndexedDataset` to give each
+  batch its indices), `RecordConfig` + `record_run`
   (the built-in run behind `hydra-store record`);
 - read: `open_dataset` (a store as a lazy xarray Dataset), `model_at_checkpoint`,
   `load_run_data`, `replay_training`, `Trajectory`;
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "HydraRecorder": "hydra_store.recording.recorder",
     "HydraStoreError": "hydra_store.errors",
+    "IndexedDataset": "hydra_store.data.indexed",
     "RecordConfig": "hydra_store.arguments",
     "record_run": "hydra_store.recording.training",
     "open_dataset": "hydra_store.store.format",

@@ -19,6 +19,7 @@ any scheduler works.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import time
@@ -65,6 +66,7 @@ from hydra_store.recording.memory import (
     default_memory_budget,
     plan_state,
 )
+from hydra_store.recording.named_run import resolve_named_run
 from hydra_store.recording.partitions import TrainingData, run_partitions
 from hydra_store.store.arrays import matrix_chunks, writable
 from hydra_store.store.format import STATUS_COMPLETE, STATUS_FAILED, consolidate, now_iso
@@ -141,6 +143,11 @@ class HydraRecorder:
         planned_steps, planned_checkpoints, planned_epochs: the run's length when known, for
             the up-front check that the store (and a partitioned run's gradient log) fits the
             free disk space.
+        dataset_spec, model_spec: the data set and the model of a user's loop, by their specs
+            (`digits`, `package.module:function`: the grammar of `record --dataset/--model`),
+            with the `seed` and `data_root` they are loaded with. The store then names them,
+            so that every analyser rebuilds them as for a built-in run; every batch is checked
+            against the named data set (recording/named_run.py).
         sketch_gradients: with a `TensorSketchProjector` in the approximate mode, take the
             projected per-sample gradients from one backward pass without forming the
             per-sample gradients (the default). False: form them and project them, as any
@@ -173,11 +180,29 @@ class HydraRecorder:
         planned_checkpoints: int | None = None,
         planned_epochs: int | None = None,
         sketch_gradients: bool = True,
+        dataset_spec: str | None = None,
+        model_spec: str | None = None,
+        seed: int = 0,
+        data_root: str | None = None,
     ) -> None:
         self._check_arguments(n_train, mode, checkpoint_every, hypergradient_history)
         check_supported_model(model)
         check_optimizer_covers_model(model, optimizer)
         settings = read_sgd_settings(optimizer)
+        self._named = resolve_named_run(
+            model,
+            n_train,
+            dataset_spec=dataset_spec,
+            model_spec=model_spec,
+            seed=seed,
+            data_root=data_root,
+            sgd=dataclasses.asdict(settings),
+        )
+        if self._named is not None:
+            config = {**self._named.config, **(config or {})}
+            attrs = {"dataset": self._named.dataset_attrs, **(attrs or {})}
+            if train_labels is None:
+                train_labels = self._named.train_labels
         self.model, self.optimizer, self.mode = model, optimizer, mode
         self.layout = ParameterLayout.from_model(model)
         self.projector = projector or IdentityProjector(self.layout.n_params)
@@ -538,6 +563,15 @@ class HydraRecorder:
             raise InvalidArgumentError(
                 f"batch indices must lie in [0, {self.n_train}); got {index.min()}..{index.max()}"
             )
+        values, counts = np.unique(index, return_counts=True)
+        if (counts > 1).any():
+            raise InvalidArgumentError(
+                f"step {self.step_count + 1}: the batch holds training samples "
+                f"{values[counts > 1][:5].tolist()} more than once; each sample may be drawn "
+                "once a batch"
+            )
+        if self._named is not None:
+            self._named.check_batch(inputs, targets, index, self.step_count + 1)
         settings = read_sgd_settings(self.optimizer)
         inputs = inputs.to(self.device, self.dtype)
         targets = targets.to(self.device)
