@@ -9,7 +9,15 @@ import typer
 
 from hydra_store.arguments import AnalyzeConfig
 from hydra_store.execution import SCHEDULER_HELP
-from hydra_store_cli.common import StageBars, user_errors
+from hydra_store_cli.common import (
+    DATA_ROOT_OPTION,
+    DATA_SEED_OPTION,
+    DATASET_OPTION,
+    MODEL_OPTION,
+    StageBars,
+    name_store,
+    user_errors,
+)
 
 # Every option's default is the AnalyzeConfig's: the CLI repeats none of them.
 _ANALYZE = AnalyzeConfig()
@@ -99,12 +107,17 @@ def register(app: typer.Typer) -> None:
             None, "--per-test", help="hydra-exact only: test samples given their own sweep"
         ),
         no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
+        dataset: str | None = DATASET_OPTION,
+        model: str | None = MODEL_OPTION,
+        data_root: str | None = DATA_ROOT_OPTION,
+        data_seed: int = DATA_SEED_OPTION,
     ) -> None:
         """Contributions, inter-class matrix, top influencers and sign clustering of a store."""
         from hydra_store.analysis.methods import default_methods
 
         bars = StageBars()
         with user_errors():
+            name_store(store, dataset, model, data_root, data_seed)
             try:
                 chosen = default_methods()[method]
                 config = chosen.config_from_options(

@@ -50,6 +50,34 @@ class OneLineErrors(TyperGroup):
         return result
 
 
+# For a store recorded from a user's loop that names no data set and model (docs/own-loop.md).
+DATASET_OPTION = typer.Option(
+    None,
+    "--dataset",
+    help="For a store from your own loop that names none: the data set it was trained on "
+    "(the grammar of `record --dataset`); checked by replaying the first epoch, then kept.",
+)
+MODEL_OPTION = typer.Option(
+    None, "--model", help="With --dataset: the model it was trained on (`record --model`)."
+)
+DATA_ROOT_OPTION = typer.Option(None, "--data-root", help="With --dataset: its data root.")
+DATA_SEED_OPTION = typer.Option(
+    0, "--data-seed", help="With --dataset: the seed it is loaded with."
+)
+
+
+def name_store(store: str, dataset: str | None, model: str | None, data_root, seed: int) -> None:
+    """Name the data set and model of a store that lacks them (hydra_store.replay.naming)."""
+    if dataset is None and model is None:
+        return
+    from hydra_store.replay.naming import name_recorded_run
+
+    if name_recorded_run(
+        store, dataset, model, seed=seed, data_root=None if data_root is None else str(data_root)
+    ):
+        typer.echo(f"{store} now names data set {dataset!r} and model {model!r}", err=True)
+
+
 def describe_os_error(error: OSError) -> str:
     """One line for a file-system failure: what happened, where, and what to do."""
     import errno

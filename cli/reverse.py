@@ -6,7 +6,15 @@ from __future__ import annotations
 import typer
 
 from hydra_store.arguments import CompareConfig, ValidateConfig
-from hydra_store_cli.common import StageBars, user_errors
+from hydra_store_cli.common import (
+    DATA_ROOT_OPTION,
+    DATA_SEED_OPTION,
+    DATASET_OPTION,
+    MODEL_OPTION,
+    StageBars,
+    name_store,
+    user_errors,
+)
 
 # Every option's default is its config's: the CLI repeats none of them.
 _COMPARE = CompareConfig()
@@ -31,6 +39,10 @@ def register(app: typer.Typer) -> None:
         png: str | None = typer.Option(
             None, "--png", help="plot path or URL (default beside store)"
         ),
+        dataset: str | None = DATASET_OPTION,
+        model: str | None = MODEL_OPTION,
+        data_root: str | None = DATA_ROOT_OPTION,
+        data_seed: int = DATA_SEED_OPTION,
     ) -> None:
         """Score the approximate HyDRA contribution (and every stored method) against the exact
         contribution of all training samples: sign error rate and Spearman correlation."""
@@ -38,6 +50,7 @@ def register(app: typer.Typer) -> None:
 
         bars = StageBars()
         with user_errors():
+            name_store(store, dataset, model, data_root, data_seed)
             try:
                 config = CompareConfig(
                     test_set=test_set,
@@ -69,6 +82,10 @@ def register(app: typer.Typer) -> None:
             "--scheduler",
             help="threads, local-cluster, or a scheduler address",
         ),
+        dataset: str | None = DATASET_OPTION,
+        model: str | None = MODEL_OPTION,
+        data_root: str | None = DATA_ROOT_OPTION,
+        data_seed: int = DATA_SEED_OPTION,
     ) -> None:
         """Leave-one-out retraining through the stored trajectory: correlation of each stored
         method's predicted contribution with the measured change of the test loss."""
@@ -76,6 +93,7 @@ def register(app: typer.Typer) -> None:
 
         bars = StageBars()
         with user_errors():
+            name_store(store, dataset, model, data_root, data_seed)
             try:
                 config = ValidateConfig(
                     test_set=test_set,

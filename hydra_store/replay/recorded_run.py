@@ -35,8 +35,10 @@ def recorded_config(group: zarr.Group) -> RecordConfig:
     config = group.attrs.get("config") or {}
     if "dataset" not in config or "model" not in config:
         raise StoreFormatError(
-            "this store was recorded from a user training loop and does not name its data set "
-            "and model; rebuild them in your own code and pass them explicitly"
+            "this store was recorded from a user training loop that named no data set and model; "
+            "name them once with --dataset and --model (e.g. `hydra-store analyze STORE "
+            "--dataset pkg.data:load --model pkg.nets:build`), or record with "
+            "HydraRecorder(..., dataset_spec=, model_spec=)"
         )
     try:
         recorded = RecordConfig.from_attrs(config)

@@ -133,3 +133,50 @@ def test_the_readme_own_loop_example_runs_as_written_and_is_analysed(tmp_path, m
     assert (
         tmp_path / "own-run.zarr" / "analysis" / "test" / "figures" / "influencers.png"
     ).is_file()
+
+
+def test_a_store_that_names_nothing_is_named_once_by_the_cli_after_a_replay_check(
+    digits_store, tmp_path
+):
+    stored = zarr.open_group(digits_store, mode="r")
+    out = tmp_path / "anonymous.zarr"
+    own_loop(out, stored)
+    needs = runner.invoke(app, ["analyze", str(out), "--no-figures"])
+    assert needs.exit_code == 2 and "name them once with --dataset and --model" in needs.output
+    wrong = runner.invoke(
+        app,
+        [
+            "compare",
+            str(out),
+            "--dataset",
+            "digits",
+            "--data-seed",
+            "1",
+            "--model",
+            "mlp:hidden=16",
+        ],
+    )
+    assert wrong.exit_code == 2 and "does not reproduce its first checkpoint" in wrong.output
+    assert "dataset" not in (zarr.open_group(out, mode="r").attrs.get("config") or {})
+    named = runner.invoke(
+        app,
+        [
+            "analyze",
+            str(out),
+            "--dataset",
+            "digits",
+            "--model",
+            "mlp:hidden=16",
+            "--no-figures",
+            "--clusters-k",
+            "50",
+        ],
+    )
+    assert named.exit_code == 0, named.output
+    assert "now names data set 'digits' and model 'mlp:hidden=16'" in named.output
+    compared = runner.invoke(app, ["compare", str(out), "--no-checkpoints"])  # no names needed
+    assert compared.exit_code == 0, compared.output
+    h = np.asarray(zarr.open_group(out, mode="r")["hypergradient"][:])
+    np.testing.assert_allclose(
+        h, np.asarray(stored["hypergradient"][:]), rtol=0, atol=1e-6 * np.abs(h).max()
+    )
