@@ -180,3 +180,15 @@ def test_a_store_that_names_nothing_is_named_once_by_the_cli_after_a_replay_chec
     np.testing.assert_allclose(
         h, np.asarray(stored["hypergradient"][:]), rtol=0, atol=1e-6 * np.abs(h).max()
     )
+
+
+def test_a_named_own_loop_under_a_memory_budget_records_its_partitions_itself(
+    digits_store, tmp_path
+):
+    stored = zarr.open_group(digits_store, mode="r")
+    out = tmp_path / "budget.zarr"
+    recorder = own_loop(out, stored, memory_budget=2_000_000, **NAMED)
+    assert recorder.partitioned and recorder.plan.n_partitions >= 3
+    h = np.asarray(zarr.open_group(out, mode="r")["hypergradient"][:])
+    expected = np.asarray(stored["hypergradient"][:])
+    assert np.abs(h - expected).max() <= 1e-6 * np.abs(expected).max()
