@@ -78,13 +78,13 @@ def test_a_named_own_loop_equals_the_built_in_run_through_every_analyser(digits_
     )
     mine = xr.open_zarr(str(out), group="analysis/test")["total_contribution"].values
     theirs = xr.open_zarr(str(builtin), group="analysis/test")["total_contribution"].values
-    assert np.abs(mine - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    assert np.abs(mine - theirs).max() <= 1e-6 * np.abs(theirs).max()
 
     run_exact_analysis(out)
     run_exact_analysis(builtin)
     mine = xr.open_zarr(str(out), group="reverse/test")["total_contribution_exact"].values
     theirs = xr.open_zarr(str(builtin), group="reverse/test")["total_contribution_exact"].values
-    assert np.abs(mine - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    assert np.abs(mine - theirs).max() <= 1e-6 * np.abs(theirs).max()
     verified = runner.invoke(app, ["verify", str(out)])
     assert verified.exit_code == 0 and "no faults" in verified.output
 
