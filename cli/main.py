@@ -135,6 +135,12 @@ def record(
         help="Partitions recorded at once (threads or LocalCluster workers); each holds its "
         "share of --memory-budget.",
     ),
+    resume: str | None = typer.Option(
+        None,
+        "--resume",
+        help="Finish this stopped recording instead of starting one: the partitions it left "
+        "undone (with --scheduler, --workers); other options are ignored.",
+    ),
 ) -> None:
     """Train a model with SGD and record HyDRA hypergradients into a Zarr store."""
     from hydra_store.recording.training import prepare_run, record_run
@@ -142,6 +148,9 @@ def record(
     limit_malloc_arenas()
     terminate_on_sigterm()
 
+    if resume is not None:
+        _resume(resume, scheduler, workers)
+        return
     with user_errors():
         if trajectory_only and mode != "approximate":
             raise_usage(
@@ -221,6 +230,23 @@ def record(
         f"  time {summary.seconds:.1f} s ({summary.samples_per_second:,.0f} training samples/s); "
         f"store size {human_bytes(summary.store_bytes)}"
     )
+
+
+def _resume(store: str, scheduler: str, workers: int) -> None:
+    from hydra_store.recording.resume import resume_recording
+
+    stages = StageBars()
+    with user_errors():
+        try:
+            done = resume_recording(
+                store,
+                scheduler=scheduler,
+                workers=workers if workers > 1 else None,
+                progress=stages,
+            )
+        finally:
+            stages.close()
+    typer.echo(f"resumed {store}: {done} partitions recorded  (status: complete)")
 
 
 def raise_usage(message: str) -> None:
