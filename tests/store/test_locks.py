@@ -97,12 +97,17 @@ def _start(*args: str) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("second_starts_after", [0.0, 1.5])
-def test_two_record_processes_on_one_store_one_proceeds(tmp_path, second_starts_after):
+@pytest.mark.parametrize("second_starts", ["together", "once the first holds the lock"])
+def test_two_record_processes_on_one_store_one_proceeds(tmp_path, second_starts):
     out, solo = tmp_path / "race.zarr", tmp_path / "solo.zarr"
-    args = ["record", "--epochs", "3", "--track", "100", "--overwrite", "--out"]
+    # 30 epochs: the first run still holds the lock when the second has imported and tries it
+    args = ["record", "--epochs", "30", "--track", "100", "--overwrite", "--out"]
     first = _start(*args, str(out))
-    time.sleep(second_starts_after)
+    if second_starts != "together":
+        deadline = time.monotonic() + 120
+        while not store_lock_file(out).exists() and first.poll() is None:
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
     second = _start(*args, str(out))
     results = [(p.wait(timeout=300), *p.communicate()) for p in (first, second)]
     codes = sorted(code for code, _, _ in results)
@@ -112,14 +117,7 @@ def test_two_record_processes_on_one_store_one_proceeds(tmp_path, second_starts_
     assert "Traceback" not in refused
     record_run(
         tiny_config(
-            solo,
-            dataset="digits",
-            model="mlp",
-            epochs=3,
-            track="100",
-            lr=0.01,
-            batch_size=64,
-            lr_step_epochs=5,
+            solo, model="mlp", epochs=30, track="100", lr=0.01, batch_size=64, lr_step_epochs=5
         )
     )
     raced, alone = xr.open_zarr(str(out)), xr.open_zarr(str(solo))
