@@ -42,13 +42,17 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _recover(target: Path) -> None:
-    """Undo what a crash between the two renames of a swap can leave: the previous results moved
-    aside (`.<name>.old-*`) with nothing in their place."""
+    """Undo what a crash can leave, under the group's lock (so no live writer owns any of it):
+    the previous results moved aside (`.<name>.old-*`) with nothing in their place, between the
+    two renames of a swap; and the staging directories (`.<name>.partial-*`) of analyses killed
+    while they built their group."""
     for old in sorted(target.parent.glob(f".{target.name}.old-*")):
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.rename(target)
+    for staging in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _swap_in(target: Path, staging: Path) -> None:

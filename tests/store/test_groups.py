@@ -39,3 +39,14 @@ def test_a_crash_between_the_renames_is_undone(store_copy):
         group.attrs["replaced"] = True
     assert not list((store_copy / "results").glob(".test.*"))
     assert zarr.open_group(store_copy / "results" / "test", mode="r").attrs["replaced"] is True
+
+
+def test_the_staging_of_a_killed_analysis_is_removed_by_the_next_one(store_copy):
+    write_result_group(store_copy, "analysis/x", {"x": (np.arange(3.0), ("i",), {})}, {})
+    killed = store_copy / "analysis" / ".x.partial-deadbeef"
+    zarr.open_group(killed, mode="w").create_array("half", shape=(2,), dtype="f4")
+    other = store_copy / "analysis" / ".y.partial-deadbeef"  # another group's: not touched
+    other.mkdir()
+    write_result_group(store_copy, "analysis/x", {"x": (np.arange(4.0), ("i",), {})}, {})
+    assert not killed.exists() and other.exists()
+    assert values_of(store_copy, "analysis/x").shape == (4,)
