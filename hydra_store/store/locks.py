@@ -118,6 +118,35 @@ def live_holders_inside(store: StorePath) -> list[LockHolder]:
     return [holder for holder in holders if holder is not None]
 
 
+# A lock file that cannot be read is taken for a stale one only when it is at least this old
+# (seconds): a lock is published whole (`_publish`), so an unreadable one was damaged.
+UNREADABLE_LOCK_AGE = 10.0
+
+
+def _publish(lock: Path, holder: LockHolder) -> bool:
+    """Create `lock` holding `holder`, atomically and only if it does not exist: the holder is
+    written to a private file first and hard-linked into place, so no reader ever sees a lock
+    file without its holder (an empty one would look stale and be taken over)."""
+    private = lock.with_name(f"{lock.name}.{os.getpid()}-{time.monotonic_ns()}")
+    private.write_text(json.dumps(asdict(holder)))
+    try:
+        os.link(private, lock)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        private.unlink(missing_ok=True)
+
+
+def _is_stale(lock: Path, holder: LockHolder | None) -> bool:
+    if holder is not None:
+        return not holder.is_alive()
+    try:
+        return time.time() - lock.stat().st_mtime >= UNREADABLE_LOCK_AGE
+    except FileNotFoundError:
+        return True
+
+
 @contextlib.contextmanager
 def hold(lock: Path | None, what: str) -> Iterator[None]:
     """Hold `lock` for the block; refuse (StoreLockedError) while a live process holds it."""
@@ -125,22 +154,21 @@ def hold(lock: Path | None, what: str) -> Iterator[None]:
         yield
         return
     me = _me()
-    for _ in range(3):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_holder(lock)
-            if holder is not None and holder.is_alive():
-                raise StoreLockedError(
-                    f"{what} is being written by {holder.describe()}; wait for it to finish "
-                    f"(or, if that process is gone, delete {lock})"
-                ) from None
+    for _ in range(5):
+        if _publish(lock, me):
+            break
+        holder = read_holder(lock)
+        if not _is_stale(lock, holder):
+            who = holder.describe() if holder is not None else "another process"
+            raise StoreLockedError(
+                f"{what} is being written by {who}; wait for it to finish "
+                f"(or, if that process is gone, delete {lock})"
+            )
+        # Take over a stale lock only if it is still the one judged stale (another process may
+        # have taken it over meanwhile).
+        if read_holder(lock) == holder:
             with contextlib.suppress(FileNotFoundError):
-                lock.unlink()  # stale: its holder is gone
-            continue
-        with os.fdopen(handle, "w") as out:
-            json.dump(asdict(me), out)
-        break
+                lock.unlink()
     else:
         raise StoreLockedError(f"could not take the lock {lock} for {what}; try again")
     try:

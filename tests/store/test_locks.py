@@ -138,3 +138,21 @@ def test_two_analyses_of_one_group_one_proceeds(store_copy):
     assert xr.open_zarr(str(store_copy), group="analysis/test")["total_contribution"].size
     assert not any(p.name.startswith(".test.") for p in (store_copy / "analysis").iterdir())
     assert os.listdir(store_copy / "analysis").count("test") == 1
+
+
+def test_an_unreadable_lock_is_stale_only_once_it_is_old(tmp_path):
+    from hydra_store.store.locks import UNREADABLE_LOCK_AGE, hold
+
+    lock = tmp_path / ".run.zarr.lock"
+    lock.write_text("")  # as a lock file would look halfway through being written
+    with (
+        pytest.raises(StoreLockedError, match="being written by another process"),
+        hold(lock, "the store"),
+    ):
+        pass
+    old = time.time() - UNREADABLE_LOCK_AGE - 1
+    os.utime(lock, (old, old))
+    with hold(lock, "the store"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no private files left
