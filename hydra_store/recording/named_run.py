@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from hydra_store.core.parameters import ParameterLayout
-from hydra_store.data.datasets import DatasetBundle, load_dataset
-from hydra_store.data.models import build_model
+from hydra_store.data.datasets import DatasetBundle
 from hydra_store.data.training_data import dataset_attrs
 from hydra_store.errors import InvalidArgumentError
+from hydra_store.replay.naming import load_named_run
 
 
 @dataclass(frozen=True)
@@ -81,24 +81,16 @@ def resolve_named_run(
         raise InvalidArgumentError(
             "name both the data set and the model (dataset_spec= and model_spec=), or neither"
         )
-    bundle = load_dataset(dataset_spec, data_root=data_root, seed=seed)
-    if len(bundle.train.targets) != n_train:
-        raise InvalidArgumentError(
-            f"the data set {dataset_spec!r} has {len(bundle.train.targets)} training samples; "
-            f"the recorder was told n_train={n_train}"
-        )
-    built = build_model(
+    bundle, _ = load_named_run(
+        dataset_spec,
         model_spec,
-        input_shape=tuple(bundle.input_shape),
-        n_classes=len(bundle.class_names),
+        n_train=n_train,
+        layout=ParameterLayout.from_model(model),
         seed=seed,
+        data_root=data_root,
         dtype=next(model.parameters()).dtype,
+        trained="being trained",
     )
-    if ParameterLayout.from_model(built) != ParameterLayout.from_model(model):
-        raise InvalidArgumentError(
-            f"the model {model_spec!r} builds a different parameter layout than the model being "
-            "trained; name the function that builds this model"
-        )
     config = {
         "dataset": dataset_spec,
         "model": model_spec,

@@ -16,12 +16,47 @@ import numpy as np
 import torch
 
 from hydra_store.core.parameters import ParameterLayout
-from hydra_store.data.datasets import Split, load_dataset
+from hydra_store.data.datasets import DatasetBundle, Split, load_dataset
 from hydra_store.data.models import build_model
 from hydra_store.data.training_data import dataset_attrs
 from hydra_store.errors import InvalidArgumentError, ReplayMismatchError
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import consolidate, open_group
+
+
+def load_named_run(
+    dataset_spec: str,
+    model_spec: str,
+    *,
+    n_train: int,
+    layout: ParameterLayout,
+    seed: int,
+    data_root: str | None,
+    dtype: torch.dtype,
+    trained: str,
+) -> tuple[DatasetBundle, torch.nn.Module]:
+    """Load the named data set and build the named model, refusing them unless the data set has
+    `n_train` training samples and the model the parameter layout `layout` (of the model
+    `trained`: "being trained", "recorded in <store>")."""
+    bundle = load_dataset(dataset_spec, data_root=data_root, seed=seed)
+    if len(bundle.train.targets) != n_train:
+        raise InvalidArgumentError(
+            f"the data set {dataset_spec!r} has {len(bundle.train.targets)} training samples; "
+            f"the model {trained} was trained on {n_train}"
+        )
+    model = build_model(
+        model_spec,
+        input_shape=tuple(bundle.input_shape),
+        n_classes=len(bundle.class_names),
+        seed=seed,
+        dtype=dtype,
+    )
+    if ParameterLayout.from_model(model) != layout:
+        raise InvalidArgumentError(
+            f"the model {model_spec!r} builds a different parameter layout than the model "
+            f"{trained}; name the function that builds that model"
+        )
+    return bundle, model
 
 
 def name_recorded_run(
@@ -48,25 +83,16 @@ def name_recorded_run(
         return False
     if dataset_spec is None or model_spec is None:
         raise InvalidArgumentError("give both --dataset and --model for a store that names neither")
-    bundle = load_dataset(dataset_spec, data_root=data_root, seed=seed)
-    n_train = int(group.attrs["n_train"])
-    if len(bundle.train.targets) != n_train:
-        raise InvalidArgumentError(
-            f"the data set {dataset_spec!r} has {len(bundle.train.targets)} training samples; "
-            f"{path} was trained on {n_train}"
-        )
-    model = build_model(
+    bundle, model = load_named_run(
+        dataset_spec,
         model_spec,
-        input_shape=tuple(bundle.input_shape),
-        n_classes=len(bundle.class_names),
+        n_train=int(group.attrs["n_train"]),
+        layout=ParameterLayout.from_attrs(group.attrs["parameter_layout"]),
         seed=seed,
+        data_root=data_root,
+        dtype=torch.float32,
+        trained=f"recorded in {path}",
     )
-    if ParameterLayout.from_model(model) != ParameterLayout.from_attrs(
-        group.attrs["parameter_layout"]
-    ):
-        raise InvalidArgumentError(
-            f"the model {model_spec!r} has another parameter layout than the one recorded in {path}"
-        )
     named = {
         "dataset": dataset_spec,
         "model": model_spec,

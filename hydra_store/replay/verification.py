@@ -22,8 +22,8 @@ def verify_recording(
 ) -> VerifyReport:
     """Check a store end to end; the report's `faults` list every problem found (empty: the
     store is intact and consistent)."""
-    report = verify_store(path, None if progress is None else _stage(progress, "chunks"))
     group = open_group(path)
+    report = verify_store(path, group, None if progress is None else _stage(progress, "chunks"))
     attrs = dict(group.attrs)
     if attrs.get("status") != STATUS_COMPLETE:
         report.faults.append(

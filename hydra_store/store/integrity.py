@@ -134,13 +134,13 @@ class VerifyReport:
 
 
 def verify_store(
-    path: str | os.PathLike[str], progress: Callable[[int, int], None] | None = None
+    path: str | os.PathLike[str],
+    root: zarr.Group,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
-    """Read every chunk of every array of the store (analysis groups included): each missing
+    """Read every chunk of every array of the store at `path` (`root`, its opened root group;
+    analysis groups included): each missing
     chunk and each chunk that fails its checksum or cannot be decoded is a fault."""
-    from hydra_store.store.format import open_group
-
-    root = open_group(path)
     report = VerifyReport(path=str(path))
     arrays = [array for _, array in root.members(max_depth=None) if isinstance(array, zarr.Array)]
     total = sum(len(expected_chunks(a)) for a in arrays)
