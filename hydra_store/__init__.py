@@ -9,8 +9,11 @@ worker does not load torch):
 - read: `open_dataset` (a store as a lazy xarray Dataset), `model_at_checkpoint`,
   `load_run_data`, `replay_training`, `Trajectory`;
 - analyse: `contributions`, `total_contributions`, `interclass`, `top_influencers`,
-  `sign_clusters`, `analyze`, `suspects`, `open_analysis` (hydra_store.analysis), and
-  `run_exact_analysis` (reverse mode, hydra_store.analysis.reverse).
+  `sign_clusters`, `analyze`, `suspects`, `open_analysis` (hydra_store.analysis),
+  `run_exact_analysis` (reverse mode), `run_comparison`, `run_validation`; each analyser that
+  needs the model takes `inputs=RunInputs(model=..., train=..., test=..., loss=...)` for a
+  store that does not name its data set and model (a user's own loop);
+- losses: `PerSampleLoss`, `resolve_loss` (`cross-entropy`, `mse`, or a user's function).
 
 The package is layered (docs/design.md): `data` and `core` at the bottom, then `store`, `replay`,
 and `recording` beside `analysis` on top; the CLI lives in the separate `hydra_store_cli`.
@@ -43,6 +46,11 @@ _EXPORTS = {
     "suspects": "hydra_store.analysis",
     "open_analysis": "hydra_store.analysis",
     "run_exact_analysis": "hydra_store.analysis.reverse",
+    "run_comparison": "hydra_store.analysis.comparison",
+    "run_validation": "hydra_store.analysis.validation",
+    "RunInputs": "hydra_store.replay.recorded_run",
+    "PerSampleLoss": "hydra_store.core.losses",
+    "resolve_loss": "hydra_store.core.losses",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -129,3 +129,51 @@ def record_small_run(
         h = recorder.hypergradients().clone()
         h_exact = recorder.hypergradients(exact=True).clone() if mode == "both" else None
     return train, model, initial, h, h_exact
+
+
+def regression_data(seed: int = 0, n_train: int = 20, n_test: int = 8):
+    """A small float64 regression problem: y = sin(x . a) + noise, x in R^3, y in R (as (n, 1))."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
+
+    def draw(n):
+        x = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+        y = torch.sin(x @ a)[:, None] + 0.1 * torch.randn(
+            n, 1, generator=generator, dtype=torch.float64
+        )
+        return x, y
+
+    return draw(n_train), draw(n_test)
+
+
+def regression_model(seed: int = 0) -> torch.nn.Module:
+    """3 -> 5 (tanh) -> 1, float64, initial weights fixed by `seed`."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)
+    ).double()
+
+
+def record_regression_run(path, *, loss="mse", mode="both", epochs=3, batch_size=6, seed=0):
+    """Train `regression_model` on `regression_data` with SGD (momentum, weight decay, a
+    decaying learning rate) around `HydraRecorder(loss=...)`, tracking every sample; returns
+    ((x, y), (x_test, y_test), initial weights, h, h_exact)."""
+    (x, y), test = regression_data(seed)
+    model = regression_model(seed)
+    initial = get_flat_parameters(model, ParameterLayout.from_model(model)).clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.95)
+    generator = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    recorder = HydraRecorder(model, optimizer, path, n_train=n, mode=mode, loss=loss)
+    with recorder:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                recorder.step(x[index], y[index], index)
+                scheduler.step()
+            recorder.end_epoch()
+        h = recorder.hypergradients().clone()
+        h_exact = recorder.hypergradients(exact=True).clone() if mode == "both" else None
+    return (x, y), test, initial, h, h_exact

@@ -27,6 +27,7 @@ from hydra_store.arguments import AnalyzeConfig
 
 if TYPE_CHECKING:
     from hydra_store.analysis.stored import AnalyzeSummary, ProgressCallback, SuspectsTable
+    from hydra_store.replay.recorded_run import RunInputs
 
 __all__ = [
     "AnalyzeConfig",
@@ -47,12 +48,17 @@ __all__ = [
 
 
 def analyze(
-    path: str | Path, config: AnalyzeConfig | None = None, progress: ProgressCallback | None = None
+    path: str | Path,
+    config: AnalyzeConfig | None = None,
+    progress: ProgressCallback | None = None,
+    *,
+    inputs: RunInputs | None = None,
 ) -> AnalyzeSummary:
-    """Run every analysis for one test set into `analysis/<name>` (see hydra_store.analysis.stored.analyze)."""
+    """Run every analysis for one test set into `analysis/<name>` (see
+    hydra_store.analysis.stored.analyze); `inputs` gives the model and data in Python."""
     from hydra_store.analysis.stored import analyze as run
 
-    return run(path, config, progress)
+    return run(path, config, progress, inputs=inputs)
 
 
 def suspects(path: str | Path, test_set: str = "test") -> SuspectsTable:

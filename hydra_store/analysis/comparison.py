@@ -23,7 +23,7 @@ from hydra_store.analysis.test_sets import group_name, resolve_test_set
 from hydra_store.arguments import CompareConfig, resolve_config
 from hydra_store.core.gradients import mean_loss_gradient
 from hydra_store.errors import AnalysisError, InvalidArgumentError
-from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.recorded_run import RunInputs, load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
@@ -39,14 +39,17 @@ PAPER_SPEARMAN = 0.986
 
 
 def exact_totals(
-    path: str | Path, test_set: str, progress: Progress | None = None
+    path: str | Path,
+    test_set: str,
+    progress: Progress | None = None,
+    inputs: RunInputs | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(exact C(i), approximate C(i)) for all N from `reverse/<test set>`, computing it first
     when absent (then the third item is True)."""
     group = read_reverse_group(path, test_set)
     computed = False
     if group is None or "total_contribution_exact" not in group:
-        run_exact_analysis(path, test_set, progress=progress)
+        run_exact_analysis(path, test_set, progress=progress, inputs=inputs)
         group = read_reverse_group(path, test_set)
         computed = True
     if group is None or group.attrs.get("checkpoint") != len(Trajectory(path).checkpoint_step) - 1:
@@ -125,22 +128,25 @@ def checkpoint_study(
     *,
     every: int = 1,
     progress: Progress | None = None,
+    inputs: RunInputs | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(checkpoint steps, sign error, Spearman) of approximate against exact at checkpoints
     1, 1+every, ..., and the last: each by an adjoint truncated at the checkpoint, with the
     test direction taken at its weights. Costs about K/2 full sweeps for K checkpoints."""
     if every < 1:
         raise InvalidArgumentError(f"--every must be >= 1, got {every}")
-    trajectory = Trajectory(path)
-    data = load_run_data(path)
+    trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
+    data = load_run_data(path, inputs)
     tests = resolve_test_set(path, test_set, run=data)
     last = len(trajectory.checkpoint_step) - 1
     chosen = sorted(set(range(1, last + 1, every)) | {last}) if last >= 1 else []
     steps, errors, correlations = [], [], []
-    scratch = model_at_checkpoint(path, 0)
+    scratch = model_at_checkpoint(path, 0, inputs=inputs)
     for n, k in enumerate(chosen, start=1):
-        model = model_at_checkpoint(path, k)
-        u, _ = mean_loss_gradient(model, trajectory.layout, tests.inputs, tests.targets)
+        model = model_at_checkpoint(path, k, inputs=inputs)
+        u, _ = mean_loss_gradient(
+            model, trajectory.layout, tests.inputs, tests.targets, loss=trajectory.loss
+        )
         result = adjoint_contributions(trajectory, scratch, data.train, u[None], checkpoint=k)
         steps.append(int(trajectory.checkpoint_step[k]))
         errors.append(sign_error_rate(result.approx[0], result.exact[0]))
@@ -186,13 +192,15 @@ def run_comparison(
     *,
     progress: Progress | None = None,
     methods: MethodRegistry | None = None,
+    inputs: RunInputs | None = None,
     **options: Any,
 ) -> ComparisonSummary:
     """Score the approximate HyDRA contribution (and the stored C(i) of every method in
     `methods`, default: the built-in ones) against the exact contribution, write the table (and
     the per-checkpoint curves) to `reverse/<test set>/comparison`, and plot them to `png`
     (default: `<store>-compare-<test set>.png` beside the store). `config` is a CompareConfig,
-    or the test set's name with its fields as keyword options."""
+    or the test set's name with its fields as keyword options. `inputs`: the model, data and
+    loss given in Python (`hydra_store.RunInputs`), for a store that does not name them."""
     if options.get("png") is not None:
         options["png"] = str(options["png"])
     config = resolve_config(CompareConfig, config, options)
@@ -201,7 +209,7 @@ def run_comparison(
     path = store_path(path)
     require_complete(open_group(path), path)
     test_set, name = config.test_set, group_name(config.test_set)
-    exact, approx, computed = exact_totals(path, test_set, progress)
+    exact, approx, computed = exact_totals(path, test_set, progress, inputs)
     scored = {"hydra-approx (reverse mode, all samples)": (np.arange(exact.size), approx)}
     for label, totals in (methods or default_methods()).totals(path, test_set).items():
         if label not in (ReverseModeMethod.EXACT, ReverseModeMethod.APPROXIMATE):
@@ -221,7 +229,7 @@ def run_comparison(
     png_path = None
     if config.over_checkpoints:
         steps, errors, correlations = checkpoint_study(
-            path, test_set, every=config.every, progress=progress
+            path, test_set, every=config.every, progress=progress, inputs=inputs
         )
         png_path = (
             store_path(config.png)

@@ -43,8 +43,12 @@ class ContributionMethod(ABC):
         return self.config_type(**{k: v for k, v in options.items() if k in names})
 
     @abstractmethod
-    def run(self, path: Path, config: Any, progress: Progress | None = None) -> Any:
-        """Compute and write `<group>/<test set>`; return a summary with a `lines()` method."""
+    def run(
+        self, path: Path, config: Any, progress: Progress | None = None, inputs: Any = None
+    ) -> Any:
+        """Compute and write `<group>/<test set>`; return a summary with a `lines()` method.
+        `inputs`: the run's model, data and loss given in Python (`hydra_store.RunInputs`),
+        for a store that does not name them."""
 
     @abstractmethod
     def totals(self, path: Path, test_set: str) -> Totals:
@@ -59,10 +63,16 @@ class StoredHypergradientMethod(ContributionMethod):
     config_type = AnalyzeConfig
     description = "stored hypergradients"
 
-    def run(self, path: Path, config: AnalyzeConfig, progress: Progress | None = None) -> Any:
+    def run(
+        self,
+        path: Path,
+        config: AnalyzeConfig,
+        progress: Progress | None = None,
+        inputs: Any = None,
+    ) -> Any:
         from hydra_store.analysis.stored import analyze
 
-        return analyze(path, config, progress)
+        return analyze(path, config, progress, inputs=inputs)
 
     def totals(self, path: Path, test_set: str) -> Totals:
         """Every `total_contribution*` of `analysis/<test set>` over tracked samples, labelled
@@ -97,10 +107,16 @@ class ReverseModeMethod(ContributionMethod):
     EXACT = "hydra-exact (reverse mode)"
     APPROXIMATE = "hydra-approx (reverse mode)"
 
-    def run(self, path: Path, config: ReverseConfig, progress: Progress | None = None) -> Any:
+    def run(
+        self,
+        path: Path,
+        config: ReverseConfig,
+        progress: Progress | None = None,
+        inputs: Any = None,
+    ) -> Any:
         from hydra_store.analysis.reverse import run_exact_analysis
 
-        return run_exact_analysis(path, config, progress=progress)
+        return run_exact_analysis(path, config, progress=progress, inputs=inputs)
 
     def totals(self, path: Path, test_set: str) -> Totals:
         from hydra_store.analysis.reverse import read_reverse_group

@@ -42,11 +42,12 @@ from hydra_store.core.gradients import (
     per_sample_loss_function,
     per_sample_loss_gradients,
 )
+from hydra_store.core.losses import LossFunction, cross_entropy
 from hydra_store.core.parameters import ParameterLayout
 from hydra_store.data.datasets import Split
 from hydra_store.errors import AnalysisError, InvalidArgumentError
 from hydra_store.execution import map_tasks
-from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.recorded_run import RunInputs, load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
@@ -108,6 +109,7 @@ def adjoint_step_products(
     point: torch.Tensor,
     exact_vectors: torch.Tensor,
     approx_vectors: torch.Tensor,
+    loss: LossFunction = cross_entropy,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(H a for each exact row (K, P), G a for each exact row (K, B), G b for each approx row
     (K, B)) with H the Hessian of the batch's mean loss and G the per-sample gradients at `point`.
@@ -120,7 +122,7 @@ def adjoint_step_products(
     34 ms against 43 ms on LeNet-5; and no forward-mode AD, whose levels are process-wide, so
     tasks on dask threads need no lock.
     """
-    losses = per_sample_loss_function(model, layout, inputs, targets)
+    losses = per_sample_loss_function(model, layout, inputs, targets, loss)
     batch = inputs.shape[0]
     with torch.enable_grad():
         w = point.detach().requires_grad_(True)
@@ -220,6 +222,7 @@ def _sweep(trajectory, model, train, end, state, scores, check, progress) -> Non
                 step.weights_before.to(device, dtype),
                 a_vt,
                 b_vt,
+                trajectory.loss,
             )
             device_index = index.to(device)
             s_exact.index_add_(1, device_index, ga.to(torch.float64), alpha=scale)
@@ -238,13 +241,17 @@ def _sweep(trajectory, model, train, end, state, scores, check, progress) -> Non
 
 
 def _direction_task(
-    path: str, directions: np.ndarray, checkpoint: int, check: bool
+    path: str,
+    directions: np.ndarray,
+    checkpoint: int,
+    check: bool,
+    inputs: RunInputs | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One dask task: a chunk of test directions over the whole trajectory (self-contained, so
     that it runs the same on threads and on dask.distributed worker processes)."""
-    trajectory = Trajectory(path)
-    model = model_at_checkpoint(path, 0)
-    data = load_run_data(path)
+    trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
+    model = model_at_checkpoint(path, 0, inputs=inputs)
+    data = load_run_data(path, inputs)
     result = adjoint_contributions(
         trajectory,
         model,
@@ -282,10 +289,11 @@ def _run_direction_chunks(
     checkpoint: int,
     scheduler: str | None,
     progress: Progress | None,
+    inputs: RunInputs | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-test directions in chunks of DIRECTION_CHUNK, one dask task per chunk."""
     chunks = [
-        (str(path), directions[start : start + DIRECTION_CHUNK], checkpoint, True)
+        (str(path), directions[start : start + DIRECTION_CHUNK], checkpoint, True, inputs)
         for start in range(0, directions.shape[0], DIRECTION_CHUNK)
     ]
     results = map_tasks(
@@ -344,6 +352,7 @@ def run_exact_analysis(
     config: ReverseConfig | str = "test",
     *,
     progress: Progress | None = None,
+    inputs: RunInputs | None = None,
     **options: Any,
 ) -> ExactAnalysisSummary:
     """Exact and approximate total contributions of every training sample to a test set (and,
@@ -354,7 +363,8 @@ def run_exact_analysis(
     hypergradient is read. `per_test` is a count (the first K test samples) or a list of test
     indices; those directions run as dask tasks of DIRECTION_CHUNK directions each on
     `scheduler`. `checkpoint` truncates the trajectory there (the test direction is taken at its
-    weights).
+    weights). `inputs` gives the model, data and loss in Python (a store recorded around a
+    user's loop that names none; `hydra_store.RunInputs`), checked against the store.
     """
     if isinstance(options.get("per_test"), Sequence):
         options["per_test"] = tuple(int(i) for i in options["per_test"])
@@ -363,22 +373,22 @@ def run_exact_analysis(
     started = time.perf_counter()
     path = store_path(path)
     require_complete(open_group(path), path)
-    trajectory = Trajectory(path)
+    trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
     end = resolve_checkpoint(len(trajectory.checkpoint_step), config.checkpoint)
-    data = load_run_data(path)
+    data = load_run_data(path, inputs)
     tests = resolve_test_set(path, config.test_set, run=data)
-    model = model_at_checkpoint(path, end)
-    layout = trajectory.layout
-    u, test_loss = mean_loss_gradient(model, layout, tests.inputs, tests.targets)
+    model = model_at_checkpoint(path, end, inputs=inputs)
+    layout, loss = trajectory.layout, trajectory.loss
+    u, test_loss = mean_loss_gradient(model, layout, tests.inputs, tests.targets, loss=loss)
     chosen = _select_test_samples(config.per_test, int(tests.targets.shape[0]))
-    per_test_directions = _per_test_directions(model, layout, tests, chosen)
+    per_test_directions = _per_test_directions(model, layout, tests, chosen, loss)
     result = adjoint_contributions(
         trajectory, model, data.train, u[None], checkpoint=end, progress=progress
     )
     arrays = _total_arrays(trajectory.n_train, data.train, result)
     if per_test_directions is not None:
         exact, approx = _run_direction_chunks(
-            path, per_test_directions, end, config.scheduler, progress
+            path, per_test_directions, end, config.scheduler, progress, inputs
         )
         arrays.update(_per_test_arrays(chosen, tests, exact, approx))
     seconds = time.perf_counter() - started
@@ -418,13 +428,15 @@ def _config_attrs(config: ReverseConfig) -> dict[str, Any]:
 
 
 def _per_test_directions(
-    model: torch.nn.Module, layout: ParameterLayout, tests, chosen: np.ndarray
+    model: torch.nn.Module, layout: ParameterLayout, tests, chosen: np.ndarray, loss: LossFunction
 ) -> np.ndarray | None:
     """The loss gradient of each chosen test sample, (K, P), or None when none is chosen."""
     if not chosen.size:
         return None
     index = torch.from_numpy(chosen)
-    gradients = per_sample_loss_gradients(model, layout, tests.inputs[index], tests.targets[index])
+    gradients = per_sample_loss_gradients(
+        model, layout, tests.inputs[index], tests.targets[index], loss
+    )
     return gradients.detach().cpu().numpy()
 
 
@@ -432,9 +444,10 @@ ArraySpec = tuple[np.ndarray, tuple[str, ...], dict[str, Any]]
 
 
 def _total_arrays(n_train: int, train: Split, result: AdjointResult) -> dict[str, ArraySpec]:
-    return {
-        "train": (np.arange(n_train, dtype=np.int64), ("train",), {}),
-        "train_label": (train.targets.numpy().astype(np.int64), ("train",), {}),
+    arrays: dict[str, ArraySpec] = {"train": (np.arange(n_train, dtype=np.int64), ("train",), {})}
+    if not train.targets.is_floating_point():
+        arrays["train_label"] = (train.targets.numpy().astype(np.int64), ("train",), {})
+    return arrays | {
         "total_contribution_exact": (
             result.exact[0],
             ("train",),
@@ -451,9 +464,10 @@ def _total_arrays(n_train: int, train: Split, result: AdjointResult) -> dict[str
 def _per_test_arrays(
     chosen: np.ndarray, tests, exact: np.ndarray, approx: np.ndarray
 ) -> dict[str, ArraySpec]:
-    return {
-        "test": (chosen, ("test",), {}),
-        "test_label": (tests.targets[torch.from_numpy(chosen)].numpy(), ("test",), {}),
+    arrays: dict[str, ArraySpec] = {"test": (chosen, ("test",), {})}
+    if not tests.targets.is_floating_point():
+        arrays["test_label"] = (tests.targets[torch.from_numpy(chosen)].numpy(), ("test",), {})
+    return arrays | {
         "contribution_exact": (
             exact.T,
             ("train", "test"),

@@ -29,9 +29,10 @@ from hydra_store.analysis.influencers import extreme_samples, top_influencers
 from hydra_store.analysis.interclass import class_means, normalise, one_hot
 from hydra_store.analysis.test_sets import TestSet, group_name, resolve_test_set
 from hydra_store.arguments import AnalyzeConfig
+from hydra_store.core.losses import CROSS_ENTROPY, PerSampleLoss, recorded_loss
 from hydra_store.errors import AnalysisError
 from hydra_store.execution import dask_scheduler
-from hydra_store.replay.recorded_run import RunData, load_run_data
+from hydra_store.replay.recorded_run import RunData, RunInputs, load_run_data
 from hydra_store.store.arrays import create_array, matrix_chunks, write_array
 from hydra_store.store.format import now_iso, open_group, require_complete
 from hydra_store.store.groups import replace_group
@@ -185,9 +186,16 @@ def stream_contributions(
 
 @reads_store
 def analyze(
-    path: str | Path, config: AnalyzeConfig | None = None, progress: ProgressCallback | None = None
+    path: str | Path,
+    config: AnalyzeConfig | None = None,
+    progress: ProgressCallback | None = None,
+    *,
+    inputs: RunInputs | None = None,
 ) -> AnalyzeSummary:
-    """Run every analysis for one test set and swap the results into `analysis/<name>`."""
+    """Run every analysis for one test set and swap the results into `analysis/<name>`.
+
+    `inputs`: the model, data and loss given in Python (`hydra_store.RunInputs`), for a store
+    recorded around a user's loop that does not name them; checked against the store."""
     started = time.perf_counter()
     config = config or AnalyzeConfig()
     config.validate()
@@ -195,7 +203,15 @@ def analyze(
     require_complete(open_group(path), path)
     ds = xr.open_zarr(str(path))
     variables = hypergradient_variables(ds)
-    run = load_run_data(path)
+    loss = recorded_loss(ds.attrs.get("loss"), inputs.loss if inputs is not None else None)
+    if not loss.classification:
+        raise AnalysisError(
+            f"{path} was trained with a regression loss ({loss.spec or 'a user function'}), "
+            "and `analyze` ranks by classes (class matrices, sign clustering by label); use "
+            "reverse mode (`run_exact_analysis`), `run_comparison`, `run_validation`, or "
+            "`hydra_store.analysis.total_contributions` on the store"
+        )
+    run = load_run_data(path, inputs)
     test = resolve_test_set(path, config.test_set, run=run)
     scheduler = dask_scheduler(
         config.scheduler, n_workers=config.n_workers, memory_limit=config.memory_limit
@@ -204,6 +220,7 @@ def analyze(
     # staged: only then is anything written.
     with scheduler as client, replace_group(path, f"analysis/{test.name}") as (group, staging):
         stages = _AnalysisRun(path, ds, run, test, config, group, client, progress)
+        stages.inputs, stages.loss = inputs, loss
         summary = stages.run(variables, staging)
     final = path / "analysis" / test.name
     summary.figures = [final / f.relative_to(staging) for f in summary.figures]
@@ -232,6 +249,8 @@ class _AnalysisRun:
         self.sample = ds["sample"].values.astype(np.int64)
         self.timings: dict[str, float] = {}
         self.written: list[str] = []
+        self.inputs: RunInputs | None = None
+        self.loss: PerSampleLoss = CROSS_ENTROPY
 
     def reporter(self, stage: str) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:
@@ -333,11 +352,11 @@ class _AnalysisRun:
         from hydra_store.replay.recorded_run import model_at_checkpoint
 
         report = self.reporter("test gradients")
-        model = model_at_checkpoint(self.path, self.config.checkpoint)
+        model = model_at_checkpoint(self.path, self.config.checkpoint, inputs=self.inputs)
         model.eval()
         layout = ParameterLayout.from_model(model)
         projector = projector_from_attrs(self.ds.attrs.get("projection"), layout.n_params)
-        per_sample = PerSampleGradients(model, layout)
+        per_sample = PerSampleGradients(model, layout, self.loss)
         dtype = next(model.parameters()).dtype
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         inputs, targets = self.test.inputs.to(dtype), self.test.targets

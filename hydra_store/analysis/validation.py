@@ -31,7 +31,7 @@ from hydra_store.core.sgd import SGDSettings, run_steps, sgd_optimizer
 from hydra_store.data.datasets import Split
 from hydra_store.errors import InvalidArgumentError
 from hydra_store.execution import map_tasks
-from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.recorded_run import RunInputs, load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
@@ -62,6 +62,7 @@ def retrain_weighted(
     batches = batches if batches is not None else trajectory.batches(0, trajectory.n_steps)
     settings = settings if settings is not None else trajectory.settings(0, trajectory.n_steps)
     weights = torch.ones(trajectory.n_train, dtype=dtype, device=device)
+    loss = trajectory.loss
     if sample_weights is not None:
         weights = torch.as_tensor(np.asarray(sample_weights), dtype=dtype, device=device)
     set_flat_parameters(model, layout, torch.from_numpy(trajectory.weights(0)).to(device, dtype))
@@ -73,7 +74,7 @@ def retrain_weighted(
     def gradient_of(batch: np.ndarray) -> torch.Tensor:
         index = torch.from_numpy(np.asarray(batch, dtype=np.int64))
         x, y = inputs[index].to(device, dtype), targets[index].to(device)
-        return weighted_batch_gradient(model, layout, x, y, weights[index.to(device)])
+        return weighted_batch_gradient(model, layout, x, y, weights[index.to(device)], loss)
 
     steps = zip(batches, settings, strict=True)
     for _ in run_steps(model, optimizer, layout, steps, gradient_of):
@@ -82,20 +83,22 @@ def retrain_weighted(
 
 
 @functools.lru_cache(maxsize=4)
-def _context(path: str, test_set: str):
+def _context(path: str, test_set: str, inputs: RunInputs | None):
     """What every retraining task of one store needs, loaded once per process."""
-    trajectory = Trajectory(path)
-    data = load_run_data(path)
+    trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
+    data = load_run_data(path, inputs)
     tests = resolve_test_set(path, test_set, run=data)
     batches = trajectory.batches(0, trajectory.n_steps)
     settings = trajectory.settings(0, trajectory.n_steps)
     return trajectory, data.train, tests, batches, settings
 
 
-def retrained_test_loss(path: str, test_set: str, weights: dict[int, float]) -> float:
+def retrained_test_loss(
+    path: str, test_set: str, weights: dict[int, float], inputs: RunInputs | None = None
+) -> float:
     """One task: retrain with the given per-sample loss weights (others 1); the test loss."""
-    trajectory, train, tests, batches, settings = _context(path, test_set)
-    model = model_at_checkpoint(path, 0)
+    trajectory, train, tests, batches, settings = _context(path, test_set, inputs)
+    model = model_at_checkpoint(path, 0, inputs=inputs)
     sample_weights = np.ones(trajectory.n_train)
     for i, w in weights.items():
         sample_weights[i] = w
@@ -103,7 +106,7 @@ def retrained_test_loss(path: str, test_set: str, weights: dict[int, float]) -> 
         retrain_weighted(
             trajectory, model, train, sample_weights, batches=batches, settings=settings
         )
-    return evaluate(model, tests.inputs, tests.targets)[0]
+    return evaluate(model, tests.inputs, tests.targets, loss=trajectory.loss)[0]
 
 
 def choose_samples(exact: np.ndarray, count: int, selection: str, seed: int) -> np.ndarray:
@@ -167,25 +170,27 @@ def run_validation(
     *,
     progress: Progress | None = None,
     methods: MethodRegistry | None = None,
+    inputs: RunInputs | None = None,
     **options: Any,
 ) -> ValidationSummary:
     """Leave-one-out retraining of `samples` training samples (plus one unweighted baseline),
     each an independent dask task; correlate the stored C(i) of every method in `methods`
     (default: the built-in ones) with the measured changes and write them to
     `reverse/<test set>/validation`. `config` is a ValidateConfig, or the test set's name with
-    its fields as keyword options."""
+    its fields as keyword options. `inputs`: the model, data and loss given in Python
+    (`hydra_store.RunInputs`), for a store that does not name them."""
     config = resolve_config(ValidateConfig, config, options)
     config.validate()
     started = time.perf_counter()
     path = store_path(path)
     require_complete(open_group(path), path)
-    exact, _, _ = exact_totals(path, config.test_set, progress)
+    exact, _, _ = exact_totals(path, config.test_set, progress, inputs)
     _context.cache_clear()  # the store may have changed since an earlier call in this process
     chosen = choose_samples(exact, config.samples, config.selection, config.seed)
     jobs = [{}] + [{int(i): 0.0} for i in chosen]
     losses = map_tasks(
         retrained_test_loss,
-        [(str(path), config.test_set, job) for job in jobs],
+        [(str(path), config.test_set, job, inputs) for job in jobs],
         scheduler=config.scheduler,
         progress=progress,
         description="leave-one-out retraining",

@@ -15,6 +15,8 @@ gradient's component along one fixed random unit vector u. Two checks follow, bo
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -111,3 +113,21 @@ def check_sgd_steps(
             "trajectory was changed or damaged"
         )
     return float(ratio.max()) if ratio.size else 0.0
+
+
+def sample_digests(inputs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """A 64-bit BLAKE2b digest of each sample's input bytes (as given, in their dtype) and
+    target bytes (int64 labels, or float64 regression targets), (B,) uint64, never 0: a store
+    keeps one per training sample (`train_digest`, 0 where the sample was never drawn), so that
+    data given to an analyser later can be checked sample by sample against what was trained
+    on."""
+    n = int(inputs.shape[0])
+    x = inputs.detach().cpu().contiguous().reshape(n, -1).numpy()
+    y = targets.detach().cpu().reshape(n, -1)
+    y = (y.to(torch.float64) if y.is_floating_point() else y.to(torch.int64)).numpy()
+    out = np.empty(n, dtype=np.uint64)
+    for k in range(n):
+        digest = hashlib.blake2b(x[k].tobytes(), digest_size=8)
+        digest.update(y[k].tobytes())
+        out[k] = int.from_bytes(digest.digest(), "little") or 1
+    return out

@@ -6,15 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
+from hydra_store.core.losses import CROSS_ENTROPY, LossFunction, PerSampleLoss, cross_entropy
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
 
-
-def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The training loss of each sample: cross-entropy on logits."""
-    return F.cross_entropy(logits, targets, reduction="none")
+# The default training loss of each sample (cross-entropy on logits); every function below
+# takes another per-sample loss as `loss` (core/losses.py).
+per_sample_loss = cross_entropy
 
 
 class PerSampleGradients:
@@ -24,14 +23,17 @@ class PerSampleGradients:
     mapped again by glibc every step, which costs more than the arithmetic (docs/design.md, "Measured facts").
     """
 
-    def __init__(self, model: torch.nn.Module, layout: ParameterLayout) -> None:
+    def __init__(
+        self, model: torch.nn.Module, layout: ParameterLayout, loss: LossFunction = cross_entropy
+    ) -> None:
         self.model = model
         self.layout = layout
+        self.loss = loss
         self._buffer: torch.Tensor | None = None
 
         def sample_loss(params, buffers, x, y):
-            logits = functional_call(model, (params, buffers), (x.unsqueeze(0),))
-            return per_sample_loss(logits, y.unsqueeze(0)).squeeze(0)
+            outputs = functional_call(model, (params, buffers), (x.unsqueeze(0),))
+            return loss(outputs, y.unsqueeze(0)).squeeze(0)
 
         self._grad = vmap(grad_and_value(sample_loss), in_dims=(None, None, 0, 0))
 
@@ -62,23 +64,31 @@ class PerSampleGradients:
 
 
 def per_sample_loss_function(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossFunction = cross_entropy,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-sample training losses (B,) of one batch as a function of the flat parameters."""
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def losses(flat: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
-        return per_sample_loss(logits, targets)
+        outputs = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
+        return loss(outputs, targets)
 
     return losses
 
 
 def batch_loss_function(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossFunction = cross_entropy,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The mean training loss of one batch as a function of the flat parameter vector."""
-    losses = per_sample_loss_function(model, layout, inputs, targets)
+    losses = per_sample_loss_function(model, layout, inputs, targets, loss)
     return lambda flat: losses(flat).mean()
 
 
@@ -94,11 +104,15 @@ def hessian_vector_products(
 
 
 def batch_gradient(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossFunction = cross_entropy,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample losses, the batch's mean gradient as a (1, P) tensor) by one backward pass:
     what a trajectory-only recording costs, plain training."""
-    losses = per_sample_loss(model(inputs), targets)
+    losses = loss(model(inputs), targets)
     params = [dict(model.named_parameters())[n] for n in layout.names]
     grads = torch.autograd.grad(losses.mean(), params)
     return losses.detach(), torch.cat([g.reshape(-1) for g in grads])[None]
@@ -110,12 +124,13 @@ def weighted_batch_gradient(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     weights: torch.Tensor,
+    loss: LossFunction = cross_entropy,
 ) -> torch.Tensor:
     """The gradient of the batch's mean of `weights` x per-sample loss, as (1, P), by one
     backward pass (leave-one-out retraining: weight 0 for the sample left out)."""
-    loss = (weights * per_sample_loss(model(inputs), targets)).mean()
+    weighted = (weights * loss(model(inputs), targets)).mean()
     params = [dict(model.named_parameters())[n] for n in layout.names]
-    grads = torch.autograd.grad(loss, params)
+    grads = torch.autograd.grad(weighted, params)
     return torch.cat([g.reshape(-1) for g in grads])[None]
 
 
@@ -129,19 +144,21 @@ STEP_GRADIENT_METHODS = ("per_sample_mean", "batch_backward", "sketched_backward
 def step_gradients(
     model: torch.nn.Module,
     layout: ParameterLayout,
-    per_sample: PerSampleGradients,
+    per_sample: PerSampleGradients | None,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     method: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients a recorded step used, by the method the store names in `step_gradient`."""
+    """The gradients a recorded step used, by the method the store names in `step_gradient`,
+    with the loss `per_sample` takes."""
+    loss = per_sample.loss if per_sample is not None else cross_entropy
     if method == "batch_backward":
-        return batch_gradient(model, layout, inputs, targets)
+        return batch_gradient(model, layout, inputs, targets, loss)
     if method == "sketched_backward":
         # Imported here: core.sketched_gradients builds on this module.
         from hydra_store.core.sketched_gradients import sketched_batch_gradient
 
-        return sketched_batch_gradient(model, layout, inputs, targets)
+        return sketched_batch_gradient(model, layout, inputs, targets, loss)
     return per_sample(inputs, targets)
 
 
@@ -151,19 +168,22 @@ def evaluate(
     targets: torch.Tensor,
     *,
     batch_size: int = 1024,
+    loss: PerSampleLoss = CROSS_ENTROPY,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) of the model on a set of samples, in batches, without gradients."""
+    """(mean loss, accuracy) of the model on a set of samples, in batches, without gradients;
+    the accuracy is NaN for a loss that is not a classification loss."""
     param = next(model.parameters())
     total_loss, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, int(targets.shape[0]), batch_size):
             x = inputs[start : start + batch_size].to(param.device, param.dtype)
             y = targets[start : start + batch_size].to(param.device)
-            logits = model(x)
-            total_loss += float(per_sample_loss(logits, y).sum())
-            correct += int((logits.argmax(1) == y).sum())
+            outputs = model(x)
+            total_loss += float(loss(outputs, y).sum())
+            if loss.classification:
+                correct += int((outputs.argmax(1) == y).sum())
     n = max(1, int(targets.shape[0]))
-    return total_loss / n, correct / n
+    return total_loss / n, correct / n if loss.classification else float("nan")
 
 
 def mean_loss_gradient(
@@ -173,6 +193,7 @@ def mean_loss_gradient(
     targets: torch.Tensor,
     *,
     batch_size: int = 1024,
+    loss: LossFunction = cross_entropy,
 ) -> tuple[torch.Tensor, float]:
     """(the gradient of the mean loss over the samples at the model's weights (P,), that mean
     loss): the test direction u of a whole test set."""
@@ -184,7 +205,7 @@ def mean_loss_gradient(
     for start in range(0, n, batch_size):
         x = inputs[start : start + batch_size].to(param.device, param.dtype)
         y = targets[start : start + batch_size].to(param.device)
-        losses = per_sample_loss_function(model, layout, x, y)
+        losses = per_sample_loss_function(model, layout, x, y, loss)
 
         def summed(flat: torch.Tensor, fn=losses) -> torch.Tensor:
             return fn(flat).sum()
@@ -196,7 +217,11 @@ def mean_loss_gradient(
 
 
 def per_sample_loss_gradients(
-    model: torch.nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossFunction = cross_entropy,
 ) -> torch.Tensor:
     """The loss gradient of each given sample at the model's weights, (n, P)."""
     param = next(model.parameters())
@@ -204,8 +229,8 @@ def per_sample_loss_gradients(
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def one(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (layout.unflatten(flat), buffers), (x[None],))
-        return per_sample_loss(logits, y[None]).squeeze(0)
+        outputs = functional_call(model, (layout.unflatten(flat), buffers), (x[None],))
+        return loss(outputs, y[None]).squeeze(0)
 
     x = inputs.to(param.device, param.dtype)
     y = targets.to(param.device)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from hydra_store.core.gradients import batch_loss_function, hessian_vector_products
+from hydra_store.core.losses import LossFunction, cross_entropy
 from hydra_store.core.parameters import ParameterLayout
 from hydra_store.core.sgd import SGDSettings, transition_matrix
 from hydra_store.core.state import TrackedState
@@ -207,6 +208,34 @@ class ApproximateHypergradient:
         self.synchronize_rows(np.arange(start, stop))
         return self.state.read_rows(start, stop)
 
+    def lazy_state(self) -> dict[str, int | np.ndarray]:
+        """The lazy update's bookkeeping. With the state's rows as they are (not brought
+        forward: that would round differently from a run that never stopped), it is all a
+        resumed recording needs to go on exactly as the uninterrupted one."""
+        return {
+            "step_count": self.step_count,
+            "last_step": self.last_step.copy(),
+            "touched": self.touched.copy(),
+            "window_steps": self._window_steps.copy(),
+            "window_product": self._window_product.copy(),
+            "window_count": self._window_count.copy(),
+        }
+
+    def restore_lazy_state(self, saved: dict[str, int | np.ndarray]) -> None:
+        """Take back what `lazy_state` returned (the state's rows are restored separately)."""
+        n_rows = self.state.n_rows
+        last_step, touched = np.asarray(saved["last_step"]), np.asarray(saved["touched"])
+        if last_step.shape != (n_rows,) or touched.shape != (n_rows,):
+            raise InvalidArgumentError(
+                f"the saved lazy state has {last_step.shape[0]} rows; this one has {n_rows}"
+            )
+        self.step_count = int(saved["step_count"])
+        self.last_step = last_step.astype(np.int64)
+        self.touched = touched.astype(bool)
+        self._window_steps = np.asarray(saved["window_steps"], dtype=np.int64)
+        self._window_product = np.asarray(saved["window_product"], dtype=np.float64)
+        self._window_count = np.asarray(saved["window_count"], dtype=np.int64)
+
 
 class ExactHypergradient:
     """The Hessian-aware recurrence: every tracked sample, every step, one HVP each.
@@ -224,6 +253,7 @@ class ExactHypergradient:
         layout: ParameterLayout,
         *,
         chunk_size: int = 32,
+        loss: LossFunction = cross_entropy,
     ) -> None:
         if selection.n_rows != state.n_rows:
             raise InvalidArgumentError("state rows and tracked selection differ in size")
@@ -238,6 +268,7 @@ class ExactHypergradient:
         self.model = model
         self.layout = layout
         self.chunk_size = chunk_size
+        self.loss = loss
         self.step_count = 0
 
     def step(
@@ -262,7 +293,7 @@ class ExactHypergradient:
                 "momentum changed from 0 to a positive value during training"
             )
         batch_index = np.asarray(batch_index, dtype=np.int64)
-        loss = batch_loss_function(self.model, self.layout, inputs, targets)
+        loss = batch_loss_function(self.model, self.layout, inputs, targets, self.loss)
         p, lam, eta = settings.momentum, settings.weight_decay, settings.lr
         injected = batch_index if batch_index_tracked is None else batch_index_tracked
         batch = self.selection.batch_rows(np.asarray(injected, dtype=np.int64), gradients)

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from hydra_store.core.gradients import PerSampleGradients, per_sample_loss
+from hydra_store.core.gradients import PerSampleGradients
+from hydra_store.core.losses import LossFunction, cross_entropy
 from hydra_store.core.parameters import ParameterLayout
 from hydra_store.core.projection import (
     CountSketchProjector,
@@ -207,6 +208,7 @@ class SketchedGradients:
         projector: a tensor sketch whose layers are sketchable layers of this model.
         layer_method: "auto" (a Linear layer by `_fft_is_cheaper`, a convolution formed), or
             "direct" / "fft" for every layer (to test and measure both).
+        loss: the per-sample training loss (core/losses.py; default cross-entropy).
 
     `hooks_exact`: None until the first call whose hooks are usable has compared its sketches
     with the full per-sample gradients' (a parameter used outside its module shows there);
@@ -221,6 +223,7 @@ class SketchedGradients:
         projector: TensorSketchProjector,
         *,
         layer_method: str = "auto",
+        loss: LossFunction = cross_entropy,
     ) -> None:
         if layer_method not in LAYER_METHODS:
             raise InvalidArgumentError(
@@ -232,7 +235,7 @@ class SketchedGradients:
                 f"{layout.n_params}"
             )
         self.model, self.layout, self.projector = model, layout, projector
-        self.layer_method = layer_method
+        self.layer_method, self.loss = layer_method, loss
         hashes = dict(zip(projector.layers, projector.hashes, strict=True))
         self.bindings = _bindings(model, layout, hashes)
         unknown = set(hashes) - {b.layer for b in self.bindings}
@@ -252,7 +255,7 @@ class SketchedGradients:
             [torch.arange(offsets[n], offsets[n] + sizes[n]) for n in self.fallback_names]
             or [torch.zeros(0, dtype=torch.long)]
         )
-        self._full = PerSampleGradients(model, layout)
+        self._full = PerSampleGradients(model, layout, loss)
         self._table_cache: dict[tuple[torch.device, torch.dtype], _Tables] = {}
         self.hooks_exact: bool | None = None
 
@@ -266,7 +269,7 @@ class SketchedGradients:
         """One batch; with `direction` (the fingerprints' unit vector u, (P,)) also each
         sample's fingerprint and squared gradient norm."""
         batch = int(inputs.shape[0])
-        losses, calls = _hooked_forward(self.model, self.bindings, inputs, targets)
+        losses, calls = _hooked_forward(self.model, self.bindings, inputs, targets, self.loss)
         usable = self.hooks_exact is not False and _usable(self.bindings, calls, batch)
         verifying = usable and self.hooks_exact is None
         loss = losses.mean()
@@ -429,8 +432,8 @@ class SketchedGradients:
         model = self.model
 
         def sample_loss(free_params, x, y):
-            logits = functional_call(model, ({**fixed, **free_params}, buffers), (x[None],))
-            return per_sample_loss(logits, y[None]).squeeze(0)
+            outputs = functional_call(model, ({**fixed, **free_params}, buffers), (x[None],))
+            return self.loss(outputs, y[None]).squeeze(0)
 
         grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(free, inputs, targets)
         batch = int(inputs.shape[0])
@@ -455,13 +458,17 @@ class SketchedGradients:
 
 
 def sketched_batch_gradient(
-    model: nn.Module, layout: ParameterLayout, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossFunction = cross_entropy,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample losses, the batch's mean gradient as (1, P)) as a `SketchedGradients` step
     takes it, bit for bit (the `sketched_backward` step gradient, what replay takes): one
     backward pass, each convolution's weight gradient summed from its per-sample gradients."""
     bindings = _bindings(model, layout, {})
-    losses, calls = _hooked_forward(model, bindings, inputs, targets)
+    losses, calls = _hooked_forward(model, bindings, inputs, targets, loss)
     usable = _usable(bindings, calls, int(inputs.shape[0]))
     named = dict(model.named_parameters())
     grads, deltas = _backward(named, layout, bindings, calls, losses.mean(), usable, retain=False)
@@ -477,7 +484,11 @@ def sketched_batch_gradient(
 
 
 def _hooked_forward(
-    model: nn.Module, bindings: Sequence[_Binding], inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module,
+    bindings: Sequence[_Binding],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossFunction,
 ) -> tuple[torch.Tensor, list[list[_Call]]]:
     """The per-sample losses, with each sketchable layer's calls (input, output) kept."""
     calls: list[list[_Call]] = [[] for _ in bindings]
@@ -495,7 +506,7 @@ def _hooked_forward(
         for b, kept in zip(bindings, calls, strict=True)
     ]
     try:
-        losses = per_sample_loss(model(inputs), targets)
+        losses = loss(model(inputs), targets)
     finally:
         for handle in handles:
             handle.remove()

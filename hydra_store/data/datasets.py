@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hydra_store.data.plugins import is_plugin_spec, load_plugin_function
 from hydra_store.errors import DataFilesMissingError, DatasetError, InvalidArgumentError
+from hydra_store.plugins import is_plugin_spec, load_plugin_function
 from hydra_store.resources import available_memory_bytes
 
 KNOWN_DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
@@ -107,8 +107,10 @@ _SYNTHETIC_BLOCK = 4
 class Split:
     """One split of a data set.
 
-    ``inputs`` is float32 of shape (n, *input_shape), already normalised; ``targets`` is int64 of
-    shape (n,); ``source_index`` is int64 (n,): the index of each sample in the data set's own
+    ``inputs`` is float32 (float64 for a float64 run given in Python) of shape
+    (n, *input_shape), already normalised; ``targets`` is int64 of
+    shape (n,) (class labels), or floating point of shape (n, ...) for a regression run given
+    in Python (``hydra_store.RunInputs``); ``source_index`` is int64 (n,): the index of each sample in the data set's own
     source ordering (the row of the official file, of scikit-learn's digits array, of the user's
     array, ...). A split may be empty here; `load_dataset` refuses empty splits.
     """
@@ -122,15 +124,17 @@ class Split:
             raise DatasetError("Split.inputs and Split.targets must be torch tensors")
         if not isinstance(self.source_index, np.ndarray):
             raise DatasetError("Split.source_index must be a numpy array")
-        if self.inputs.dtype != torch.float32:
-            raise DatasetError(f"Split.inputs must be float32, got {self.inputs.dtype}")
+        if self.inputs.dtype not in (torch.float32, torch.float64):
+            raise DatasetError(f"Split.inputs must be float32 or float64, got {self.inputs.dtype}")
         if self.inputs.ndim < 2:
             raise DatasetError(
                 f"Split.inputs must have shape (n, *input_shape), got {tuple(self.inputs.shape)}"
             )
-        if self.targets.dtype != torch.int64 or self.targets.ndim != 1:
+        regression = self.targets.is_floating_point() and self.targets.ndim >= 1
+        if not regression and (self.targets.dtype != torch.int64 or self.targets.ndim != 1):
             raise DatasetError(
-                "Split.targets must be a 1-D int64 tensor, got "
+                "Split.targets must be a 1-D int64 tensor (or floating point regression "
+                "targets), got "
                 f"{self.targets.dtype} of shape {tuple(self.targets.shape)}"
             )
         if self.source_index.dtype != np.int64 or self.source_index.ndim != 1:
@@ -169,7 +173,8 @@ class DatasetBundle:
         ):
             raise DatasetError("DatasetBundle.class_names must be a tuple of strings")
         n_classes = len(self.class_names)
-        if n_classes < 2:
+        regression = isinstance(self.train, Split) and self.train.targets.is_floating_point()
+        if n_classes < 2 and not regression:
             raise DatasetError(f"data set {self.name!r} must have at least 2 classes")
         if len(set(self.class_names)) != n_classes:
             raise DatasetError(f"data set {self.name!r} has duplicate class names")
@@ -209,8 +214,14 @@ class DatasetBundle:
                     f"data set {self.name!r}: {split_name} inputs have per-sample shape "
                     f"{tuple(split.inputs.shape[1:])}, expected {shape}"
                 )
-            lo, hi = (int(v) for v in torch.aminmax(split.targets))
-            if lo < 0 or hi >= n_classes:
+            if split.targets.is_floating_point() != regression:
+                raise DatasetError(
+                    f"data set {self.name!r}: the {split_name} targets must be "
+                    + ("floating point like" if regression else "integer labels like")
+                    + " the training targets"
+                )
+            lo, hi = (int(v) for v in torch.aminmax(split.targets)) if not regression else (0, 0)
+            if not regression and (lo < 0 or hi >= n_classes):
                 raise DatasetError(
                     f"data set {self.name!r}: {split_name} labels must lie in [0, {n_classes}), "
                     f"found values from {lo} to {hi}"
@@ -224,6 +235,10 @@ class DatasetBundle:
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.train.targets.is_floating_point()
 
 
 def fingerprint(split: Split) -> str:

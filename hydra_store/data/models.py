@@ -23,8 +23,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from hydra_store.data.plugins import is_plugin_spec, load_plugin_function
 from hydra_store.errors import InvalidArgumentError, ModelError
+from hydra_store.plugins import is_plugin_spec, load_plugin_function
 
 KNOWN_MODELS: tuple[str, ...] = ("logreg", "mlp", "lenet5")
 

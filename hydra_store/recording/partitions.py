@@ -41,6 +41,7 @@ from hydra_store.core.hypergradient import (
     TrackedSelection,
     named_trackers,
 )
+from hydra_store.core.losses import PerSampleLoss, recorded_loss
 from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
 from hydra_store.core.projection import projector_from_attrs
 from hydra_store.core.sgd import SGDSettings
@@ -55,11 +56,13 @@ from hydra_store.store.format import open_group
 @dataclass(frozen=True)
 class TrainingData:
     """What the partitions need beside the store: the model (its architecture; the weights come
-    from the store) and the whole training set, indexed as in the recorded batches."""
+    from the store) and the whole training set, indexed as in the recorded batches; the loss
+    (None: the one the store names)."""
 
     model: torch.nn.Module
     inputs: torch.Tensor
     targets: torch.Tensor
+    loss: PerSampleLoss | None = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,7 @@ class _PartitionRun:
         state_dtype = getattr(torch, info["state_dtype"])
         momentum = bool(info["has_momentum"])
         mode = attrs["mode"]
+        loss = data.loss or recorded_loss(attrs.get("loss"), None)
 
         self.pool = pool or StatePool()
 
@@ -324,11 +328,13 @@ class _PartitionRun:
             else None
         )
         self.exact = (
-            ExactHypergradient(state(self.layout.n_params), self.selection, self.model, self.layout)
+            ExactHypergradient(
+                state(self.layout.n_params), self.selection, self.model, self.layout, loss=loss
+            )
             if mode in ("exact", "both")
             else None
         )
-        self.per_sample = PerSampleGradients(self.model, self.layout)
+        self.per_sample = PerSampleGradients(self.model, self.layout, loss)
         self.log = (
             GradientLogReader(
                 log_folder(path),

@@ -35,6 +35,7 @@ from hydra_store.core.fingerprints import (
     fingerprint_direction,
     gradient_fingerprints,
     gradient_scale,
+    sample_digests,
 )
 from hydra_store.core.gradients import PerSampleGradients, batch_gradient
 from hydra_store.core.hypergradient import (
@@ -44,6 +45,7 @@ from hydra_store.core.hypergradient import (
     named_trackers,
     tracked_variables,
 )
+from hydra_store.core.losses import BUILT_IN_LOSSES, LossFunction, PerSampleLoss, resolve_loss
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
 from hydra_store.core.projection import IdentityProjector, Projector, TensorSketchProjector
 from hydra_store.core.sgd import (
@@ -152,6 +154,12 @@ class HydraRecorder:
             projected per-sample gradients from one backward pass without forming the
             per-sample gradients (the default). False: form them and project them, as any
             other projector does (to compare the two, or measure the difference).
+        loss: the per-sample training loss: "cross-entropy" (the default), "mse", a
+            `package.module:function` spec, or a function of (outputs, targets) returning one
+            loss per sample (core/losses.py). It is stored by spec (root attribute `loss`), so
+            that replay and every analyser rebuild it; a function with no import name must be
+            passed again to the analysers. A user's loss is a classification loss when the
+            targets are integers, a regression loss when they are floating point.
     """
 
     def __init__(
@@ -184,7 +192,9 @@ class HydraRecorder:
         model_spec: str | None = None,
         seed: int = 0,
         data_root: str | None = None,
+        loss: str | PerSampleLoss | LossFunction | None = None,
     ) -> None:
+        self.loss = resolve_loss(loss)
         self._check_arguments(n_train, mode, checkpoint_every, hypergradient_history)
         check_supported_model(model)
         check_optimizer_covers_model(model, optimizer)
@@ -225,9 +235,9 @@ class HydraRecorder:
         self.plan = self._plan_state(state_factory, memory_budget, workers)
         self._check_disk(store, planned_steps, planned_checkpoints, planned_epochs)
         self._build_trackers(state_factory)
-        self.per_sample = PerSampleGradients(model, self.layout)
+        self.per_sample = PerSampleGradients(model, self.layout, self.loss)
         self.sketched = (
-            SketchedGradients(model, self.layout, self.projector)
+            SketchedGradients(model, self.layout, self.projector, loss=self.loss)
             if sketch_gradients
             and mode == "approximate"
             and isinstance(self.projector, TensorSketchProjector)
@@ -236,6 +246,8 @@ class HydraRecorder:
         self._fingerprint_seed = FINGERPRINT_SEED
         self._direction = fingerprint_direction(self.layout.n_params, self._fingerprint_seed)
 
+        self._digests = np.zeros(n_train, dtype=np.uint64)
+        self._digests_dirty = False
         self.store = RecordingStore(store, overwrite=overwrite)
         self.path = self.store.path
         self._finished = False
@@ -373,7 +385,9 @@ class HydraRecorder:
             self.approximate = ApproximateHypergradient(state, self.selection)
         if self.mode in ("exact", "both"):
             state = new_state(self.layout.n_params)
-            self.exact = ExactHypergradient(state, self.selection, self.model, self.layout)
+            self.exact = ExactHypergradient(
+                state, self.selection, self.model, self.layout, loss=self.loss
+            )
 
     # Per-step weights buffered before a write (partitioned recordings): 64 MiB.
     STEP_BUFFER_BYTES = 64 * 2**20
@@ -426,6 +440,18 @@ class HydraRecorder:
         s.create_array("step_epoch", dims=("step",), shape=(0,), dtype=np.int64, chunks=(65536,))
         for name in ("train_loss", "test_loss", "test_accuracy"):
             s.create_array(name, dims=("epoch",), shape=(0,), dtype=np.float64, chunks=(4096,))
+        s.create_array(
+            "train_digest",
+            dims=("train",),
+            shape=(self.n_train,),
+            dtype=np.uint64,
+            chunks=(min(self.n_train, 2**20),),
+            fill_value=0,
+            attrs={
+                "long_name": "BLAKE2b-64 digest of each training sample's input and target "
+                "bytes as first drawn; 0: never drawn"
+            },
+        )
         if self.partitioned:
             self._create_partition_arrays()
         s.update_attrs(
@@ -439,6 +465,7 @@ class HydraRecorder:
                 "software": software_versions(),
                 "recorded_step": 0,
                 "step_gradient": self._step_gradient,
+                "loss": self.loss.to_attrs(),
                 **dict(attrs or {}),
             }
         )
@@ -572,12 +599,15 @@ class HydraRecorder:
             )
         if self._named is not None:
             self._named.check_batch(inputs, targets, index, self.step_count + 1)
+        if self.step_count == 0:
+            self._settle_loss_kind(targets)
         settings = read_sgd_settings(self.optimizer)
         inputs = inputs.to(self.device, self.dtype)
         targets = targets.to(self.device)
+        self._note_digests(index, inputs, targets)
         sketched = None
         if self.mode == "trajectory":
-            losses, gradients = batch_gradient(self.model, self.layout, inputs, targets)
+            losses, gradients = batch_gradient(self.model, self.layout, inputs, targets, self.loss)
         elif self.sketched is not None:
             direction = self._direction if self.partitioned else None
             checked = self.sketched.hooks_exact is not None
@@ -643,7 +673,25 @@ class HydraRecorder:
         self._epoch_samples += index.size
         return loss
 
+    def _settle_loss_kind(self, targets: torch.Tensor) -> None:
+        """A user's loss is a regression loss when its targets are floating point."""
+        regression = targets.is_floating_point()
+        if self.loss.spec in BUILT_IN_LOSSES or regression != self.loss.classification:
+            return
+        self.loss = dataclasses.replace(self.loss, classification=not regression)
+        self.store.update_attrs({"loss": self.loss.to_attrs()})
+
+    def _note_digests(self, index: np.ndarray, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Digest the samples drawn for the first time (core/fingerprints.py `sample_digests`)."""
+        new = np.nonzero(self._digests[index] == 0)[0]
+        if new.size:
+            chosen = torch.as_tensor(new, device=inputs.device)
+            self._digests[index[new]] = sample_digests(inputs[chosen], targets[chosen])
+            self._digests_dirty = True
+
     def _note_labels(self, index: np.ndarray, targets: torch.Tensor) -> None:
+        if not self.loss.classification:
+            return
         rows = self.selection.row_of[index]
         keep = rows >= 0
         if keep.any():
@@ -690,6 +738,9 @@ class HydraRecorder:
             )
         if self._log is not None:
             self._log.flush()
+        if self._digests_dirty:
+            writable(self.store.group["train_digest"])[:] = self._digests
+            self._digests_dirty = False
         self._pending = {k: [] for k in self._STEP_VARIABLES}
         self._pending_blocks = {k: [] for k in self._BLOCK_VARIABLES}
         self._pending_steps = self._empty_step_buffers()
@@ -809,6 +860,8 @@ class HydraRecorder:
         if self._batch_labels is not None:
             writable(self.store.group["label"])[:] = self._batch_labels
         if self.partitioned:
+            if training_data is not None and training_data.loss is None:
+                training_data = dataclasses.replace(training_data, loss=self.loss)
             self._record_partitions(training_data, scheduler, partition_progress)
         for name, tracker in self._trackers():
             self.store.write_rows(

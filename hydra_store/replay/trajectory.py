@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from hydra_store.core.gradients import PerSampleGradients, step_gradients
+from hydra_store.core.losses import LossFunction, PerSampleLoss, recorded_loss
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters, set_flat_parameters
 from hydra_store.core.sgd import SGDSettings, run_steps, sgd_optimizer
 from hydra_store.data.datasets import Split
@@ -31,11 +32,17 @@ class Step:
 
 
 class Trajectory:
-    """The recorded trajectory of a store, read segment by segment between checkpoints."""
+    """The recorded trajectory of a store, read segment by segment between checkpoints.
 
-    def __init__(self, path: str | Path) -> None:
+    `loss` is the per-sample training loss replay takes (default: the one the store names;
+    core/losses.py `recorded_loss`)."""
+
+    def __init__(
+        self, path: str | Path, loss: str | PerSampleLoss | LossFunction | None = None
+    ) -> None:
         self.path = store_path(path)
         self.group = open_group(path)
+        self.loss = recorded_loss(self.group.attrs.get("loss"), loss)
         self.checkpoint_step = np.asarray(self.group["checkpoint_step"][:])
         self.n_steps = int(self.group["lr"].shape[0])
         self.n_train = int(self.group.attrs["n_train"])
@@ -95,7 +102,7 @@ class Trajectory:
         optimizer = sgd_optimizer(
             model, self.layout, settings[0] if settings else None, velocity if first > 0 else None
         )
-        per_sample = PerSampleGradients(model, self.layout)
+        per_sample = PerSampleGradients(model, self.layout, self.loss)
         method = self.group.attrs.get("step_gradient", "per_sample_mean")
         inputs, targets = train.inputs, train.targets
 

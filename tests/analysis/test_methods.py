@@ -42,7 +42,7 @@ class ScaledExactMethod(ContributionMethod):
     config_type = ScaledConfig
     description = "test stand-in"
 
-    def run(self, path, config, progress=None):
+    def run(self, path, config, progress=None, inputs=None):
         exact = np.asarray(read_reverse_group(path, config.test_set)["total_contribution_exact"])
         values = config.factor * exact
         arrays = {"total_contribution": (values, ("train",), {})}

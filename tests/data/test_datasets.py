@@ -596,10 +596,18 @@ def test_subset() -> None:
 
 
 def test_split_validates_types() -> None:
-    with pytest.raises(DatasetError, match="float32"):
+    with pytest.raises(DatasetError, match="float32 or float64, got torch.float16"):
         Split(
-            torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.int64), np.arange(2)
+            torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, dtype=torch.int64), np.arange(2)
         )
+    # float64 inputs (a float64 run given in Python) and floating regression targets are kept
+    regression = Split(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 1), np.arange(2))
+    assert regression.inputs.dtype == torch.float64
+    bundle = DatasetBundle("r", regression, regression, None, (), (3,), False)
+    assert bundle.is_regression and bundle.n_classes == 0
+    labelled = Split(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), np.arange(2))
+    with pytest.raises(DatasetError, match="test targets must be floating point"):
+        DatasetBundle("r", regression, labelled, None, (), (3,), False)
     with pytest.raises(DatasetError, match="int64"):
         Split(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int32), np.arange(2))
     with pytest.raises(DatasetError, match="must match"):
