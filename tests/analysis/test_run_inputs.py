@@ -53,7 +53,9 @@ def test_every_analyser_takes_the_run_in_python_and_equals_the_built_in_run(
         analyze(unnamed_store)
     inputs = digits_inputs()
     config = AnalyzeConfig(clusters_k=50, figures=False)
-    analyze(unnamed_store, config, inputs=inputs)
+    summary = analyze(unnamed_store, AnalyzeConfig(clusters_k=50), inputs=inputs)
+    assert {f.name for f in summary.figures} >= {"influencers.png", "interclass.png"}
+    assert all(f.is_file() for f in summary.figures)
     analyze(store_copy, config)
     for variable in ("total_contribution", "interclass"):
         mine = xr.open_zarr(str(unnamed_store), group="analysis/test")[variable].values

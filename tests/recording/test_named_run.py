@@ -176,6 +176,9 @@ def test_a_store_that_names_nothing_is_named_once_by_the_cli_after_a_replay_chec
     assert "now names data set 'digits' and model 'mlp:hidden=16'" in named.output
     compared = runner.invoke(app, ["compare", str(out), "--no-checkpoints"])  # no names needed
     assert compared.exit_code == 0, compared.output
+    validated = runner.invoke(app, ["validate", str(out), "--samples", "3"])
+    assert validated.exit_code == 0, validated.output
+    assert "leave-one-out retraining of 3 training samples" in validated.output
     h = np.asarray(zarr.open_group(out, mode="r")["hypergradient"][:])
     np.testing.assert_allclose(
         h, np.asarray(stored["hypergradient"][:]), rtol=0, atol=1e-6 * np.abs(h).max()
