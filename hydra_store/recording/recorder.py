@@ -576,9 +576,7 @@ class HydraRecorder:
         """
         if self._finished:
             raise InvalidArgumentError("the recording is finished; create a new recorder")
-        index = np.asarray(
-            indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64
-        ).reshape(-1)
+        index = self._batch_index(indices)
         if index.size != inputs.shape[0] or targets.shape[0] != inputs.shape[0]:
             raise InvalidArgumentError(
                 f"inputs, targets and indices must have one entry per sample; got "
@@ -672,6 +670,23 @@ class HydraRecorder:
         self._epoch_losses.append(loss * index.size)
         self._epoch_samples += index.size
         return loss
+
+    def _batch_index(self, indices) -> np.ndarray:
+        """The batch's training-set indices as int64, refusing what is not a list of integers."""
+        step = self.step_count + 1
+        if indices is None:
+            raise InvalidArgumentError(
+                f"step {step}: no indices given; recorder.step(inputs, targets, indices) needs "
+                "each sample's index in the training set (wrap the data set in "
+                "hydra_store.IndexedDataset to have a DataLoader yield them)"
+            )
+        raw = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if raw.dtype == np.bool_ or not np.issubdtype(raw.dtype, np.integer):
+            raise InvalidArgumentError(
+                f"step {step}: the batch's indices must be integers (training-set positions), "
+                f"got {raw.dtype}"
+            )
+        return raw.astype(np.int64).reshape(-1)
 
     def _settle_loss_kind(self, targets: torch.Tensor) -> None:
         """A user's loss is a regression loss when its targets are floating point."""

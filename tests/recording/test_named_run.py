@@ -195,3 +195,22 @@ def test_a_named_own_loop_under_a_memory_budget_records_its_partitions_itself(
     h = np.asarray(zarr.open_group(out, mode="r")["hypergradient"][:])
     expected = np.asarray(stored["hypergradient"][:])
     assert np.abs(h - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        (None, "step 1: no indices given"),
+        ([0.5, 1.0], "indices must be integers .*got float64"),
+        ([0, 7], r"batch indices must lie in \[0, 5\)"),
+        ([1, 1], r"samples \[1\] more than once"),
+    ],
+)
+def test_bad_indices_get_one_clear_error_and_leave_the_store_failed(tmp_path, indices, message):
+    model = torch.nn.Linear(3, 2)
+    out = tmp_path / "bad.zarr"
+    recorder = HydraRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), out, n_train=5)
+    with pytest.raises(InvalidArgumentError, match=message), recorder:
+        recorder.step(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), indices)
+    attrs = zarr.open_group(out, mode="r").attrs
+    assert attrs["status"] == "failed" and "InvalidArgumentError" in attrs["failure"]
