@@ -14,6 +14,7 @@ from hydra_store_cli.common import (
     DATA_SEED_OPTION,
     DATASET_OPTION,
     MODEL_OPTION,
+    RESULTS_OUT_OPTION,
     StageBars,
     name_store,
     user_errors,
@@ -107,6 +108,7 @@ def register(app: typer.Typer) -> None:
             None, "--per-test", help="hydra-exact only: test samples given their own sweep"
         ),
         no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
+        out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,
         model: str | None = MODEL_OPTION,
         data_root: str | None = DATA_ROOT_OPTION,
@@ -134,7 +136,7 @@ def register(app: typer.Typer) -> None:
                         "per_test": per_test,
                     }
                 )
-                summary = chosen.run(store, config, progress=bars)
+                summary = chosen.run(store, config, progress=bars, out=out)
             finally:
                 bars.close()
         lines = summary_lines(summary) if chosen.name == "hydra" else summary.lines()
@@ -146,13 +148,18 @@ def register(app: typer.Typer) -> None:
         store: str = typer.Argument(..., help="a store analysed with `hydra-store analyze`"),
         test_set: str = typer.Option("test", "--test-set", help="the analysed test set"),
         out: Path | None = typer.Option(None, "--out", help="CSV file (default: stdout)"),
+        results: str | None = typer.Option(
+            None,
+            "--results",
+            help="the results store the analysis was written to (--out of analyze)",
+        ),
     ) -> None:
         """Training samples ranked from most harmful, as CSV (index, label, total contribution,
         suspect flag)."""
         with user_errors():
             from hydra_store.analysis.stored import suspects as run_suspects
 
-            table = run_suspects(store, test_set)
+            table = run_suspects(store, test_set, results)
         text = table.to_csv()
         if out is None:
             sys.stdout.write(text)

@@ -64,6 +64,13 @@ DATA_ROOT_OPTION = typer.Option(None, "--data-root", help="With --dataset: its d
 DATA_SEED_OPTION = typer.Option(
     0, "--data-seed", help="With --dataset: the seed it is loaded with."
 )
+RESULTS_OUT_OPTION = typer.Option(
+    None,
+    "--out",
+    help="Write the results to this separate results store (path or URL; created if absent) "
+    "instead of into the recording, which is then only read: a read-only recording can be "
+    "analysed this way.",
+)
 
 
 def name_store(store: str, dataset: str | None, model: str | None, data_root, seed: int) -> None:

@@ -11,6 +11,7 @@ from hydra_store_cli.common import (
     DATA_SEED_OPTION,
     DATASET_OPTION,
     MODEL_OPTION,
+    RESULTS_OUT_OPTION,
     StageBars,
     name_store,
     user_errors,
@@ -39,6 +40,7 @@ def register(app: typer.Typer) -> None:
         png: str | None = typer.Option(
             None, "--png", help="plot path or URL (default beside store)"
         ),
+        out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,
         model: str | None = MODEL_OPTION,
         data_root: str | None = DATA_ROOT_OPTION,
@@ -58,7 +60,7 @@ def register(app: typer.Typer) -> None:
                     every=every,
                     png=None if png is None else str(png),
                 )
-                summary = run_comparison(store, config, progress=bars)
+                summary = run_comparison(store, config, progress=bars, out=out)
             finally:
                 bars.close()
         for line in summary.lines():
@@ -82,6 +84,7 @@ def register(app: typer.Typer) -> None:
             "--scheduler",
             help="threads, local-cluster, or a scheduler address",
         ),
+        out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,
         model: str | None = MODEL_OPTION,
         data_root: str | None = DATA_ROOT_OPTION,
@@ -102,7 +105,7 @@ def register(app: typer.Typer) -> None:
                     seed=seed,
                     scheduler=scheduler,
                 )
-                summary = run_validation(store, config, progress=bars)
+                summary = run_validation(store, config, progress=bars, out=out)
             finally:
                 bars.close()
         for line in summary.lines():

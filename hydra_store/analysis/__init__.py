@@ -53,26 +53,31 @@ def analyze(
     progress: ProgressCallback | None = None,
     *,
     inputs: RunInputs | None = None,
+    out: str | Path | None = None,
 ) -> AnalyzeSummary:
     """Run every analysis for one test set into `analysis/<name>` (see
-    hydra_store.analysis.stored.analyze); `inputs` gives the model and data in Python."""
+    hydra_store.analysis.stored.analyze); `inputs` gives the model and data in Python, `out` a
+    results store to write to instead of the recording."""
     from hydra_store.analysis.stored import analyze as run
 
-    return run(path, config, progress, inputs=inputs)
+    return run(path, config, progress, inputs=inputs, out=out)
 
 
-def suspects(path: str | Path, test_set: str = "test") -> SuspectsTable:
+def suspects(
+    path: str | Path, test_set: str = "test", results: str | Path | None = None
+) -> SuspectsTable:
     """Training samples ranked from most harmful (see hydra_store.analysis.stored.suspects)."""
     from hydra_store.analysis.stored import suspects as run
 
-    return run(path, test_set)
+    return run(path, test_set, results)
 
 
-def open_analysis(path: str | Path, test_set: str = "test"):
-    """The analysis group of a test set as a lazy xarray Dataset."""
+def open_analysis(path: str | Path, test_set: str = "test", results: str | Path | None = None):
+    """The analysis group of a test set as a lazy xarray Dataset (from the results store
+    `results` when it was written to one)."""
     from hydra_store.analysis.stored import open_analysis as run
 
-    return run(path, test_set)
+    return run(path, test_set, results)
 
 
 def __getattr__(name: str):

@@ -29,6 +29,7 @@ from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
 from hydra_store.store.integrity import reads_store
 from hydra_store.store.location import store_path
+from hydra_store.store.results import results_root
 
 Progress = Callable[[str, int, int], None]
 
@@ -43,16 +44,19 @@ def exact_totals(
     test_set: str,
     progress: Progress | None = None,
     inputs: RunInputs | None = None,
+    out: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(exact C(i), approximate C(i)) for all N from `reverse/<test set>`, computing it first
-    when absent (then the third item is True)."""
-    group = read_reverse_group(path, test_set)
+    """(exact C(i), approximate C(i)) for all N from `reverse/<test set>` (of the results store
+    `out` when given), computing it first when absent (then the third item is True)."""
+    results = results_root(path, out)
+    group = read_reverse_group(results, test_set)
     computed = False
     if group is None or "total_contribution_exact" not in group:
-        run_exact_analysis(path, test_set, progress=progress, inputs=inputs)
-        group = read_reverse_group(path, test_set)
+        run_exact_analysis(path, test_set, progress=progress, inputs=inputs, out=out)
+        group = read_reverse_group(results, test_set)
         computed = True
-    if group is None or group.attrs.get("checkpoint") != len(Trajectory(path).checkpoint_step) - 1:
+    last = open_group(path)["checkpoint_step"].shape[0] - 1
+    if group is None or group.attrs.get("checkpoint") != last:
         raise AnalysisError(
             f"reverse/{group_name(test_set)} was computed at a truncated checkpoint; rerun "
             "`hydra-store analyze --method hydra-exact` without --checkpoint"
@@ -193,6 +197,7 @@ def run_comparison(
     progress: Progress | None = None,
     methods: MethodRegistry | None = None,
     inputs: RunInputs | None = None,
+    out: str | Path | None = None,
     **options: Any,
 ) -> ComparisonSummary:
     """Score the approximate HyDRA contribution (and the stored C(i) of every method in
@@ -200,7 +205,9 @@ def run_comparison(
     the per-checkpoint curves) to `reverse/<test set>/comparison`, and plot them to `png`
     (default: `<store>-compare-<test set>.png` beside the store). `config` is a CompareConfig,
     or the test set's name with its fields as keyword options. `inputs`: the model, data and
-    loss given in Python (`hydra_store.RunInputs`), for a store that does not name them."""
+    loss given in Python (`hydra_store.RunInputs`), for a store that does not name them. `out`:
+    a results store to read and write the result groups in instead of the recording (the PNG
+    then goes beside it)."""
     if options.get("png") is not None:
         options["png"] = str(options["png"])
     config = resolve_config(CompareConfig, config, options)
@@ -209,9 +216,10 @@ def run_comparison(
     path = store_path(path)
     require_complete(open_group(path), path)
     test_set, name = config.test_set, group_name(config.test_set)
-    exact, approx, computed = exact_totals(path, test_set, progress, inputs)
+    exact, approx, computed = exact_totals(path, test_set, progress, inputs, out)
+    results = results_root(path, out)
     scored = {"hydra-approx (reverse mode, all samples)": (np.arange(exact.size), approx)}
-    for label, totals in (methods or default_methods()).totals(path, test_set).items():
+    for label, totals in (methods or default_methods()).totals(results, test_set).items():
         if label not in (ReverseModeMethod.EXACT, ReverseModeMethod.APPROXIMATE):
             scored[label] = totals
     scores = [
@@ -234,7 +242,7 @@ def run_comparison(
         png_path = (
             store_path(config.png)
             if config.png is not None
-            else path.with_name(f"{path.stem}-compare-{name}.png")
+            else results.with_name(f"{results.stem}-compare-{name}.png")
         )
         plot_checkpoints(
             png_path,
@@ -251,9 +259,9 @@ def run_comparison(
         "paper_spearman": PAPER_SPEARMAN,
         "png": str(png_path) if png_path else None,
     }
-    write_result_group(path, f"reverse/{name}/comparison", arrays, attrs)
+    write_result_group(results, f"reverse/{name}/comparison", arrays, attrs)
     return ComparisonSummary(
-        path=path,
+        path=results,
         test_set=name,
         n_train=int(exact.size),
         scores=scores,

@@ -44,15 +44,22 @@ class ContributionMethod(ABC):
 
     @abstractmethod
     def run(
-        self, path: Path, config: Any, progress: Progress | None = None, inputs: Any = None
+        self,
+        path: Path,
+        config: Any,
+        progress: Progress | None = None,
+        inputs: Any = None,
+        out: Any = None,
     ) -> Any:
         """Compute and write `<group>/<test set>`; return a summary with a `lines()` method.
         `inputs`: the run's model, data and loss given in Python (`hydra_store.RunInputs`),
-        for a store that does not name them."""
+        for a store that does not name them. `out`: a results store to write to instead of
+        the recording (`hydra_store.store.results.results_root(path, out)` says where)."""
 
     @abstractmethod
     def totals(self, path: Path, test_set: str) -> Totals:
-        """Its stored C(i) for a test set (empty when it has not run on it)."""
+        """Its stored C(i) for a test set (empty when it has not run on it); `path` is where
+        its results are: the recording, or the results store they were written to."""
 
 
 class StoredHypergradientMethod(ContributionMethod):
@@ -69,10 +76,11 @@ class StoredHypergradientMethod(ContributionMethod):
         config: AnalyzeConfig,
         progress: Progress | None = None,
         inputs: Any = None,
+        out: Any = None,
     ) -> Any:
         from hydra_store.analysis.stored import analyze
 
-        return analyze(path, config, progress, inputs=inputs)
+        return analyze(path, config, progress, inputs=inputs, out=out)
 
     def totals(self, path: Path, test_set: str) -> Totals:
         """Every `total_contribution*` of `analysis/<test set>` over tracked samples, labelled
@@ -83,15 +91,15 @@ class StoredHypergradientMethod(ContributionMethod):
         except KeyError:
             return {}
         found: Totals = {}
-        sample = np.asarray(root["sample"][:]) if "sample" in root else None
+        sample = group if "sample" in group else root  # a results store has no root `sample`
+        index = np.asarray(sample["sample"][:]) if "sample" in sample else None
         for key in sorted(group.array_keys()):
             if not key.startswith("total_contribution"):
                 continue
             array = group[key]
             dims = tuple(array.metadata.dimension_names or ())
             values = np.asarray(array[:], dtype=np.float64)
-            if dims == ("sample",) and sample is not None and values.size == sample.size:
-                index = np.asarray(group["sample"][:]) if "sample" in group else sample
+            if dims == ("sample",) and index is not None and values.size == index.size:
                 found[f"analysis:{key}"] = (index.astype(np.int64), values)
         return found
 
@@ -113,10 +121,11 @@ class ReverseModeMethod(ContributionMethod):
         config: ReverseConfig,
         progress: Progress | None = None,
         inputs: Any = None,
+        out: Any = None,
     ) -> Any:
         from hydra_store.analysis.reverse import run_exact_analysis
 
-        return run_exact_analysis(path, config, progress=progress, inputs=inputs)
+        return run_exact_analysis(path, config, progress=progress, inputs=inputs, out=out)
 
     def totals(self, path: Path, test_set: str) -> Totals:
         from hydra_store.analysis.reverse import read_reverse_group

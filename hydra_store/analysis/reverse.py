@@ -53,6 +53,7 @@ from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
 from hydra_store.store.integrity import reads_store
 from hydra_store.store.location import store_path
+from hydra_store.store.results import results_root
 
 Progress = Callable[[str, int, int], None]
 
@@ -353,6 +354,7 @@ def run_exact_analysis(
     *,
     progress: Progress | None = None,
     inputs: RunInputs | None = None,
+    out: str | Path | None = None,
     **options: Any,
 ) -> ExactAnalysisSummary:
     """Exact and approximate total contributions of every training sample to a test set (and,
@@ -364,7 +366,8 @@ def run_exact_analysis(
     indices; those directions run as dask tasks of DIRECTION_CHUNK directions each on
     `scheduler`. `checkpoint` truncates the trajectory there (the test direction is taken at its
     weights). `inputs` gives the model, data and loss in Python (a store recorded around a
-    user's loop that names none; `hydra_store.RunInputs`), checked against the store.
+    user's loop that names none; `hydra_store.RunInputs`), checked against the store. `out`:
+    a results store to write `reverse/<test set>` to instead of the recording.
     """
     if isinstance(options.get("per_test"), Sequence):
         options["per_test"] = tuple(int(i) for i in options["per_test"])
@@ -404,9 +407,10 @@ def run_exact_analysis(
         "sign_convention": "positive: removing the sample would raise the test loss (it helps)",
     }
     name = f"{REVERSE_GROUP}/{tests.name}"
-    write_result_group(path, name, arrays, attrs)
+    results = results_root(path, out)
+    write_result_group(results, name, arrays, attrs)
     return ExactAnalysisSummary(
-        path=path,
+        path=results,
         group=name,
         test_set=tests.name,
         n_train=trajectory.n_train,
@@ -485,7 +489,8 @@ def _per_test_arrays(
 
 
 def read_reverse_group(path: str | Path, test_set: str = "test") -> zarr.Group | None:
-    """The `reverse/<test set>` group of a store, or None when not computed yet."""
+    """The `reverse/<test set>` group of a store (a recording or a results store), or None when
+    not computed yet."""
     group = open_group(path)
     name = f"{REVERSE_GROUP}/{group_name(test_set)}"
     try:

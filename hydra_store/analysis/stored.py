@@ -38,6 +38,7 @@ from hydra_store.store.format import now_iso, open_group, require_complete
 from hydra_store.store.groups import replace_group
 from hydra_store.store.integrity import reads_store
 from hydra_store.store.location import store_path
+from hydra_store.store.results import results_root
 
 # progress(stage, done, total): stage names are stable ("test gradients", "contributions", ...).
 ProgressCallback = Callable[[str, int, int], None]
@@ -191,11 +192,14 @@ def analyze(
     progress: ProgressCallback | None = None,
     *,
     inputs: RunInputs | None = None,
+    out: str | Path | None = None,
 ) -> AnalyzeSummary:
     """Run every analysis for one test set and swap the results into `analysis/<name>`.
 
     `inputs`: the model, data and loss given in Python (`hydra_store.RunInputs`), for a store
-    recorded around a user's loop that does not name them; checked against the store."""
+    recorded around a user's loop that does not name them; checked against the store. `out`:
+    a results store to write `analysis/<name>` to instead of the recording, which is then only
+    read (store/results.py)."""
     started = time.perf_counter()
     config = config or AnalyzeConfig()
     config.validate()
@@ -218,11 +222,13 @@ def analyze(
     )
     # Everything above validated the inputs, and the scheduler starts before the group is
     # staged: only then is anything written.
-    with scheduler as client, replace_group(path, f"analysis/{test.name}") as (group, staging):
+    results = results_root(path, out)
+    with scheduler as client, replace_group(results, f"analysis/{test.name}") as (group, staging):
         stages = _AnalysisRun(path, ds, run, test, config, group, client, progress)
         stages.inputs, stages.loss = inputs, loss
         summary = stages.run(variables, staging)
-    final = path / "analysis" / test.name
+    final = results / "analysis" / test.name
+    summary.path = results
     summary.figures = [final / f.relative_to(staging) for f in summary.figures]
     summary.seconds = time.perf_counter() - started
     return summary
@@ -499,25 +505,33 @@ class SuspectsTable:
         return self.rows.to_csv(index=False)
 
 
-def open_analysis(path: str | Path, test_set: str = "test") -> xr.Dataset:
-    """The analysis group of a test set as a lazy Dataset (AnalysisError if not analysed yet)."""
+def open_analysis(
+    path: str | Path, test_set: str = "test", results: str | Path | None = None
+) -> xr.Dataset:
+    """The analysis group of a test set as a lazy Dataset (AnalysisError if not analysed yet);
+    read from the results store `results` when the analysis was written to one."""
     path = store_path(path)
     open_group(path)
+    where = results_root(path, results, create=False)
     name = group_name(test_set)
-    if not (path / "analysis" / name / "zarr.json").is_file():
+    if not (where / "analysis" / name / "zarr.json").is_file():
+        out = f" --out {where}" if results is not None else ""
         raise AnalysisError(
-            f"{path} has no analysis for test set {test_set!r}; run "
-            f"`hydra-store analyze {path} --test-set {test_set}` first"
+            f"{where} has no analysis for test set {test_set!r}; run "
+            f"`hydra-store analyze {path} --test-set {test_set}{out}` first"
         )
-    return xr.open_zarr(str(path), group=f"analysis/{name}")
+    return xr.open_zarr(str(where), group=f"analysis/{name}")
 
 
 @reads_store
-def suspects(path: str | Path, test_set: str = "test") -> SuspectsTable:
-    """Training samples ranked by total contribution, most harmful first."""
+def suspects(
+    path: str | Path, test_set: str = "test", results: str | Path | None = None
+) -> SuspectsTable:
+    """Training samples ranked by total contribution, most harmful first (from the results
+    store `results` when the analysis was written to one)."""
     import pandas as pd
 
-    analysis = open_analysis(path, test_set)
+    analysis = open_analysis(path, test_set, results)
     root = xr.open_zarr(str(path))
     frame = pd.DataFrame(
         {

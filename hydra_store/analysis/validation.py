@@ -37,6 +37,7 @@ from hydra_store.store.format import open_group, require_complete
 from hydra_store.store.groups import write_result_group
 from hydra_store.store.integrity import reads_store
 from hydra_store.store.location import store_path
+from hydra_store.store.results import results_root
 
 Progress = Callable[[str, int, int], None]
 
@@ -171,6 +172,7 @@ def run_validation(
     progress: Progress | None = None,
     methods: MethodRegistry | None = None,
     inputs: RunInputs | None = None,
+    out: str | Path | None = None,
     **options: Any,
 ) -> ValidationSummary:
     """Leave-one-out retraining of `samples` training samples (plus one unweighted baseline),
@@ -178,13 +180,15 @@ def run_validation(
     (default: the built-in ones) with the measured changes and write them to
     `reverse/<test set>/validation`. `config` is a ValidateConfig, or the test set's name with
     its fields as keyword options. `inputs`: the model, data and loss given in Python
-    (`hydra_store.RunInputs`), for a store that does not name them."""
+    (`hydra_store.RunInputs`), for a store that does not name them. `out`: a results store to
+    read and write the result groups in instead of the recording."""
     config = resolve_config(ValidateConfig, config, options)
     config.validate()
     started = time.perf_counter()
     path = store_path(path)
     require_complete(open_group(path), path)
-    exact, _, _ = exact_totals(path, config.test_set, progress, inputs)
+    exact, _, _ = exact_totals(path, config.test_set, progress, inputs, out)
+    results = results_root(path, out)
     _context.cache_clear()  # the store may have changed since an earlier call in this process
     chosen = choose_samples(exact, config.samples, config.selection, config.seed)
     jobs = [{}] + [{int(i): 0.0} for i in chosen]
@@ -197,7 +201,7 @@ def run_validation(
     )
     base = float(losses[0])
     change = np.array(losses[1:], dtype=np.float64) - base
-    totals = (methods or default_methods()).totals(path, config.test_set)
+    totals = (methods or default_methods()).totals(results, config.test_set)
     correlations, arrays = _correlate(chosen, change, totals)
     name = group_name(config.test_set)
     attrs = {
@@ -207,9 +211,9 @@ def run_validation(
         "base_test_loss": base,
         "correlations": [c.__dict__ for c in correlations],
     }
-    write_result_group(path, f"reverse/{name}/validation", arrays, attrs)
+    write_result_group(results, f"reverse/{name}/validation", arrays, attrs)
     return ValidationSummary(
-        path=path,
+        path=results,
         test_set=name,
         samples=chosen,
         selection=config.selection,

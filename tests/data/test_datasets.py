@@ -596,7 +596,7 @@ def test_subset() -> None:
 
 
 def test_split_validates_types() -> None:
-    with pytest.raises(DatasetError, match="float32 or float64, got torch.float16"):
+    with pytest.raises(DatasetError, match=r"float32 or float64, got torch\.float16"):
         Split(
             torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, dtype=torch.int64), np.arange(2)
         )
