@@ -41,6 +41,7 @@ def _root() -> None:
 
 @app.command()
 def record(
+    context: typer.Context,
     dataset: str = typer.Option(
         _RECORD.dataset,
         help="digits (scikit-learn, offline), synthetic[:n=..,size=..,channels=..,classes=..,"
@@ -135,11 +136,18 @@ def record(
         help="Partitions recorded at once (threads or LocalCluster workers); each holds its "
         "share of --memory-budget.",
     ),
+    durable_seconds: float = typer.Option(
+        _RECORD.durable_seconds,
+        help="Seconds of training between durable points, from which --resume continues a "
+        "killed recording (and never more often than 10x a point's own cost; 0: after every "
+        "step; inf: never).",
+    ),
     resume: str | None = typer.Option(
         None,
         "--resume",
-        help="Finish this stopped recording instead of starting one: the partitions it left "
-        "undone (with --scheduler, --workers); other options are ignored.",
+        help="Finish this stopped recording instead of starting one: from its last durable "
+        "point, or the partitions it left undone (with --scheduler, --workers); the other "
+        "options are the store's own and are ignored.",
     ),
 ) -> None:
     """Train a model with SGD and record HyDRA hypergradients into a Zarr store."""
@@ -149,7 +157,17 @@ def record(
     terminate_on_sigterm()
 
     if resume is not None:
-        _resume(resume, scheduler, workers)
+        # --scheduler and --workers only when given: by default, the recording's own.
+        given = {
+            name
+            for name in ("scheduler", "workers")
+            if getattr(context.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+        }
+        _resume(
+            resume,
+            scheduler if "scheduler" in given else None,
+            workers if "workers" in given else None,
+        )
         return
     with user_errors():
         if trajectory_only and mode != "approximate":
@@ -183,6 +201,7 @@ def record(
             project_dim=project_dim,
             scheduler=scheduler,
             workers=workers,
+            durable_seconds=durable_seconds,
         )
         prepared = prepare_run(config)
         n_train = len(prepared.bundle.train.targets)
@@ -232,21 +251,52 @@ def record(
     )
 
 
-def _resume(store: str, scheduler: str, workers: int) -> None:
+def _resume(store: str, scheduler: str | None, workers: int | None) -> None:
     from hydra_store.recording.resume import resume_recording
 
     stages = StageBars()
+    bar = None
+
+    def on_progress(p) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(p.total_steps, "training", unit="step")
+        bar.update(p.step - bar.n)
+        bar.set_postfix_str(f"epoch {p.epoch}/{p.epochs} loss {p.loss:.4f}")
+
     with user_errors():
         try:
             done = resume_recording(
                 store,
                 scheduler=scheduler,
-                workers=workers if workers > 1 else None,
-                progress=stages,
+                workers=workers,
+                progress=on_progress,
+                partition_progress=stages,
             )
         finally:
+            if bar is not None:
+                bar.close()
             stages.close()
-    typer.echo(f"resumed {store}: {done} partitions recorded  (status: complete)")
+    if done.how == "partitions":
+        typer.echo(f"resumed {store}: {done.partitions} partitions recorded  (status: complete)")
+        return
+    if done.how == "start":
+        typer.echo(
+            f"resumed {store}: it had no durable point yet, so it was recorded again from the "
+            "start  (status: complete)"
+        )
+    else:
+        typer.echo(
+            f"resumed {store} from its durable point at step {done.from_step} (epoch "
+            f"{done.from_epoch} done)  (status: complete)"
+        )
+    summary = done.record
+    last = summary.epochs[-1]
+    typer.echo(
+        f"  {len(summary.epochs)} epochs: train loss {last.train_loss:.4f}, test loss "
+        f"{last.test_loss:.4f}, test accuracy {100 * last.test_accuracy:.2f}%"
+    )
+    typer.echo(f"  time {summary.seconds:.1f} s; store size {human_bytes(summary.store_bytes)}")
 
 
 def raise_usage(message: str) -> None:

@@ -91,6 +91,9 @@ class RecordConfig:
     project_dim: int | None = None
     scheduler: str = "threads"  # where partitions run when the state exceeds the budget
     workers: int = 1
+    # Seconds of training between durable points (`record --resume` continues from the last):
+    # 0 after every step, inf never (recording/durable.py, DurableSchedule).
+    durable_seconds: float = 120.0
 
     def schedule_spec(self) -> ScheduleSpec:
         return ScheduleSpec(
@@ -161,6 +164,8 @@ class RecordConfig:
                 )
         if self.workers < 1:
             bad("workers", f"must be at least 1, got {self.workers}")
+        if not self.durable_seconds >= 0:
+            bad("durable-seconds", f"must be >= 0 (inf: never), got {self.durable_seconds}")
 
     def to_attrs(self) -> dict[str, Any]:
         attrs = dataclasses.asdict(self)

@@ -126,6 +126,32 @@ class GradientLogReader:
             self._handle.close()
 
 
+def log_records(folder: Path, n_partitions: int) -> np.ndarray:
+    """How many records each partition's files hold (what a durable point notes after a
+    flush)."""
+    return np.array(
+        [_files(Path(folder), p)[0].stat().st_size // 16 for p in range(n_partitions)],
+        dtype=np.int64,
+    )
+
+
+def cut_log(folder: Path, records: np.ndarray, width: int, dtype: np.dtype) -> None:
+    """Cut every partition's files back to `records` records: what was appended after a durable
+    point is recorded again when the run resumes from it."""
+    itemsize = np.dtype(dtype).itemsize
+    for partition, count in enumerate(np.asarray(records, dtype=np.int64).tolist()):
+        index_file, gradient_file = _files(Path(folder), partition)
+        sizes = {index_file: count * 16, gradient_file: count * width * itemsize}
+        for file, size in sizes.items():
+            if not file.is_file() or file.stat().st_size < size:
+                raise StoreFormatError(
+                    f"the gradient log of partition {partition} ({file}) is missing or shorter "
+                    "than at the recording's last durable point, so the recording cannot be "
+                    "resumed; record it again"
+                )
+            os.truncate(file, size)
+
+
 def remove_log(store: str | os.PathLike[str]) -> None:
     folder = log_folder(store)
     shutil.rmtree(folder.parent if is_url(store) else folder, ignore_errors=True)

@@ -40,6 +40,14 @@ class EpochSchedule:
         else:
             self.scheduler = sched.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
+    def state_dict(self) -> dict | None:
+        """The scheduler's state (a durable point saves it; None for the constant schedule)."""
+        return None if self.scheduler is None else self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scheduler is not None and state is not None:
+            self.scheduler.load_state_dict(state)
+
     def after_step(self) -> None:
         if self.per_step:
             self.scheduler.step()

@@ -59,6 +59,7 @@ from hydra_store.core.sketched_gradients import SketchedGradients
 from hydra_store.core.state import InMemoryTrackedState, StateFactory, state_nbytes
 from hydra_store.data.models import check_supported_model
 from hydra_store.errors import InvalidArgumentError
+from hydra_store.recording.durable import restore_durable_point
 from hydra_store.recording.gradient_log import GradientLogWriter, log_folder
 from hydra_store.recording.memory import (
     StatePlan,
@@ -160,6 +161,12 @@ class HydraRecorder:
             that replay and every analyser rebuild it; a function with no import name must be
             passed again to the analysers. A user's loss is a classification loss when the
             targets are integers, a regression loss when they are floating point.
+        resume: continue the stopped recording at `store` from its last durable point
+            (hydra_store/recording/durable.py) instead of creating it: the store is cut back to
+            that point and model, optimizer, tracked state and counters are put back as they
+            were there; `self.resumed` then holds what the training loop saved with it. The
+            other arguments must be the recording's own (`hydra-store record --resume` takes
+            them from the store's `config`).
     """
 
     def __init__(
@@ -193,6 +200,7 @@ class HydraRecorder:
         seed: int = 0,
         data_root: str | None = None,
         loss: str | PerSampleLoss | LossFunction | None = None,
+        resume: bool = False,
     ) -> None:
         self.loss = resolve_loss(loss)
         self._check_arguments(n_train, mode, checkpoint_every, hypergradient_history)
@@ -248,10 +256,11 @@ class HydraRecorder:
 
         self._digests = np.zeros(n_train, dtype=np.uint64)
         self._digests_dirty = False
-        self.store = RecordingStore(store, overwrite=overwrite)
+        self.store = RecordingStore(store, overwrite=overwrite, resume=resume)
         self.path = self.store.path
         self._finished = False
-        self._write_static(config, attrs, labels, clean)
+        if not resume:
+            self._write_static(config, attrs, labels, clean)
         self._log = (
             GradientLogWriter(
                 log_folder(self.path),
@@ -274,8 +283,17 @@ class HydraRecorder:
         # Labels of the tracked rows as seen in batches, when none were given.
         self._batch_labels = None if labels is not None else np.full(self.selection.n_rows, -1)
         self.flush_seconds = flush_seconds
-        self._checkpoint(epoch=0)
-        self._flush()
+        # With `resume`: the training loop's own state saved at the durable point, and where.
+        self.resumed: dict[str, Any] | None = None
+        if resume:
+            try:
+                self.resumed = restore_durable_point(self)
+            except BaseException:
+                self.store.release()
+                raise
+        else:
+            self._checkpoint(epoch=0)
+            self._flush()
 
     @staticmethod
     def _check_arguments(

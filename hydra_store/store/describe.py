@@ -7,7 +7,8 @@ from os import PathLike
 import numpy as np
 
 from hydra_store.errors import StoreFormatError
-from hydra_store.store.format import STATUS_RECORDING, open_group
+from hydra_store.store.durable import read_durable_point
+from hydra_store.store.format import STATUS_COMPLETE, STATUS_RECORDING, open_group
 from hydra_store.store.location import store_path
 from hydra_store.store.locks import live_holder, store_lock_file
 
@@ -28,13 +29,15 @@ def _describe(path: str | PathLike[str], group) -> list[str]:
     attrs = dict(group.attrs)
     config = attrs.get("config") or {}
     dataset = attrs.get("dataset") or {}
+    liveness = _liveness(path, attrs.get("status"))
     lines = [
         f"store {path}",
-        f"  format {attrs['hydra_store_format']}, status {attrs.get('status')}"
-        + _liveness(path, attrs.get("status")),
+        f"  format {attrs['hydra_store_format']}, status {attrs.get('status')}" + liveness,
     ]
     if attrs.get("status") == "failed" and attrs.get("failure"):
         lines.append(f"  failure: {attrs['failure']}")
+    if attrs.get("status") != STATUS_COMPLETE and " (live:" not in liveness:
+        lines.append(_resume_line(group, attrs, config))
     lines.append(
         f"  recorded {attrs.get('created', '?')} .. {attrs.get('completed', 'not completed')}, "
         f"{attrs.get('recorded_step', 0)} steps"
@@ -95,6 +98,30 @@ def _describe(path: str | PathLike[str], group) -> list[str]:
             if names:
                 lines.append(f"  {parent}: {', '.join(names)}")
     return lines
+
+
+def _resume_line(group, attrs: dict, config: dict) -> str:
+    """For a stopped store: what `record --resume` would do with it."""
+    if "partition_done" in group:
+        return "  resume: `hydra-store record --resume` records the partitions not done"
+    if config.get("source") == "user training loop" or not {"dataset", "model"} <= set(config):
+        return (
+            "  resume: not by `hydra-store record --resume` (a training loop of your own, or no "
+            "configuration stored): record it again"
+        )
+    point = read_durable_point(group)
+    if point is None:
+        return (
+            "  resume: no durable point yet; `hydra-store record --resume` records it again "
+            "from the start"
+        )
+    where = f"the end of epoch {point['epoch']}"
+    if point.get("step_in_epoch"):
+        where = f"step {point['step_in_epoch']} of epoch {point['epoch'] + 1}"
+    return (
+        f"  resume: `hydra-store record --resume` continues from its durable point at step "
+        f"{point['step']} ({where}; written {point.get('written', '?')})"
+    )
 
 
 def _liveness(path: str | PathLike[str], status: str | None) -> str:

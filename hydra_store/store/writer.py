@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import zarr
 
+from hydra_store.errors import InvalidArgumentError
 from hydra_store.store.arrays import create_array, matrix_chunks, writable, write_array
+from hydra_store.store.durable import drop_durable_points
 from hydra_store.store.format import (
     FORMAT_VERSION,
     STATUS_COMPLETE,
@@ -20,6 +22,7 @@ from hydra_store.store.format import (
     check_output_path,
     consolidate,
     now_iso,
+    open_group,
     prepare_output_path,
 )
 from hydra_store.store.location import location_text, store_path
@@ -29,20 +32,36 @@ from hydra_store.store.locks import hold, store_lock_file
 class RecordingStore:
     """Write side of a store during recording. All writes are appends of whole blocks."""
 
-    def __init__(self, path: str | PathLike[str], *, overwrite: bool = False) -> None:
+    def __init__(
+        self, path: str | PathLike[str], *, overwrite: bool = False, resume: bool = False
+    ) -> None:
+        """A new store at `path`; with `resume`, the existing store there, opened to go on
+        writing it (`record --resume`: the caller cuts it back to its last durable point)."""
         # The lock is taken before an old store is deleted, and held until the status is final.
-        check_output_path(path, overwrite)
+        if not resume:
+            check_output_path(path, overwrite)
         self._lock = hold(store_lock_file(store_path(path)), f"the store {path}")
         self._lock.__enter__()
         try:
-            self.path = prepare_output_path(path, overwrite)
+            if resume:
+                self.path = store_path(path)
+                self.group = open_group(self.path, mode="r+")
+                if self.group.attrs.get("status") == STATUS_COMPLETE:
+                    raise InvalidArgumentError(f"{path} is complete; there is nothing to resume")
+            else:
+                self.path = prepare_output_path(path, overwrite)
         except BaseException:
-            self._lock.__exit__(None, None, None)
+            self.release()
             raise
-        self.group = zarr.open_group(location_text(self.path), mode="w", zarr_format=3)
-        self.group.attrs.update(
-            {"hydra_store_format": FORMAT_VERSION, "status": STATUS_RECORDING, "created": now_iso()}
-        )
+        if not resume:
+            self.group = zarr.open_group(location_text(self.path), mode="w", zarr_format=3)
+            self.group.attrs.update(
+                {
+                    "hydra_store_format": FORMAT_VERSION,
+                    "status": STATUS_RECORDING,
+                    "created": now_iso(),
+                }
+            )
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
 
@@ -165,10 +184,20 @@ class RecordingStore:
         self.group.attrs.update(dict(attrs))
 
     def set_status(self, status: str, **extra: Any) -> None:
-        """Set the status; a final one (complete, failed) also releases the store's lock."""
+        """Set the status; a final one (complete, failed) also releases the store's lock. A
+        complete store's durable points are deleted (after the status: a kill in between
+        leaves a complete store with a spare copy of its state, never an incomplete one with
+        none)."""
         self.group.attrs.update({"status": status, **extra})
+        if status == STATUS_COMPLETE:
+            drop_durable_points(self.group)
         consolidate(self.path)
-        if status in (STATUS_COMPLETE, STATUS_FAILED) and self._lock is not None:
+        if status in (STATUS_COMPLETE, STATUS_FAILED):
+            self.release()
+
+    def release(self) -> None:
+        """Release the store's lock (at the final status, or when a resume is refused)."""
+        if self._lock is not None:
             self._lock.__exit__(None, None, None)
             self._lock = None
 
