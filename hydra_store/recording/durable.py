@@ -190,6 +190,7 @@ def _pack(recorder: HydraRecorder, extra: Mapping[str, Any]) -> bytes:
         "gradient_log": None
         if recorder._log is None
         else torch.from_numpy(log_records(recorder._log.folder, recorder.plan.n_partitions)),
+        "torch_threads": torch.get_num_threads(),
         "extra": dict(extra),
     }
     buffer = io.BytesIO()
@@ -267,6 +268,11 @@ def restore_durable_point(recorder: HydraRecorder) -> dict[str, Any]:
         kind = bool(stored_loss["classification"])
         if recorder.loss.classification != kind:
             recorder.loss = dataclasses.replace(recorder.loss, classification=kind)
+    # A sum split over another number of threads rounds differently: go on with the count the
+    # recording had (unless this machine has fewer cores).
+    threads = saved.get("torch_threads")
+    if threads and threads != torch.get_num_threads() and threads <= (os.cpu_count() or 0):
+        torch.set_num_threads(int(threads))
     recorder._last_flush = time.monotonic()
     position = {k: int(point[k]) for k in ("step", "epoch", "step_in_epoch") if k in point}
     return {**saved["extra"], "position": position}

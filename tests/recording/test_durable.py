@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from typer.testing import CliRunner
 
@@ -59,6 +60,13 @@ def record(args: list[str], out: Path):
 
 def command(args: list[str], out: Path) -> list[str]:
     return [sys.executable, "-m", "hydra_store_cli.main", "record", *args, "--out", str(out)]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """A child's environment with this process's torch thread count: a sum split over another
+    number of threads rounds differently, and earlier tests may have changed it here (a dask
+    worker in this process sets one thread)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
 
 
 def resume(out: Path, *fragments: str) -> None:
@@ -111,7 +119,7 @@ def runs(tmp_path_factory):
             process = subprocess.Popen(
                 command(args, out),
                 cwd=REPO,
-                env={**os.environ, KILL_ENV: at},
+                env=environment(**{KILL_ENV: at}),
                 stdout=subprocess.DEVNULL,
                 stderr=errors,
             )
@@ -176,7 +184,11 @@ def test_a_kill_from_outside_resumes_and_the_store_verifies(runs, tmp_path):
     whole, _ = runs
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen(
-        command(APPROXIMATE, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        command(APPROXIMATE, out),
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 120
