@@ -68,11 +68,6 @@ def tiny_model(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(d, 5), nn.Tanh(), nn.Linear(5, n_classes))
 
 
-def batchnorm_model(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-    d = int(np.prod(input_shape))
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, 4), nn.BatchNorm1d(4), nn.Linear(4, n_classes))
-
-
 def wrong_output_model(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     d = int(np.prod(input_shape))
     return nn.Sequential(nn.Flatten(), nn.Linear(d, n_classes + 1))

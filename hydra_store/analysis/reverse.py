@@ -43,6 +43,7 @@ from hydra_store.core.gradients import (
     per_sample_loss_gradients,
 )
 from hydra_store.core.losses import LossFunction, cross_entropy
+from hydra_store.core.model_state import step_randomness
 from hydra_store.core.parameters import ParameterLayout
 from hydra_store.data.datasets import Split
 from hydra_store.errors import AnalysisError, InvalidArgumentError
@@ -215,16 +216,17 @@ def _sweep(trajectory, model, train, end, state, scores, check, progress) -> Non
             scale = n_train / index.numel()
             a_vt = a_v - s.lr * a_w
             b_vt = b_v - s.lr * b_w
-            hv, ga, gb = adjoint_step_products(
-                model,
-                layout,
-                inputs[index].to(device, dtype),
-                targets[index].to(device),
-                step.weights_before.to(device, dtype),
-                a_vt,
-                b_vt,
-                trajectory.loss,
-            )
+            with step_randomness(trajectory.step_seed(step.step), device):
+                hv, ga, gb = adjoint_step_products(
+                    model,
+                    layout,
+                    inputs[index].to(device, dtype),
+                    targets[index].to(device),
+                    step.weights_before.to(device, dtype),
+                    a_vt,
+                    b_vt,
+                    trajectory.loss,
+                )
             device_index = index.to(device)
             s_exact.index_add_(1, device_index, ga.to(torch.float64), alpha=scale)
             s_approx.index_add_(1, device_index, gb.to(torch.float64), alpha=scale)

@@ -26,7 +26,8 @@ from hydra_store.analysis.reverse import flush_denormals
 from hydra_store.analysis.test_sets import group_name, resolve_test_set
 from hydra_store.arguments import SELECTIONS, ValidateConfig, resolve_config
 from hydra_store.core.gradients import evaluate, weighted_batch_gradient
-from hydra_store.core.parameters import get_flat_parameters, set_flat_parameters
+from hydra_store.core.model_state import step_randomness
+from hydra_store.core.parameters import get_flat_parameters
 from hydra_store.core.sgd import SGDSettings, run_steps, sgd_optimizer
 from hydra_store.data.datasets import Split
 from hydra_store.errors import InvalidArgumentError
@@ -66,20 +67,23 @@ def retrain_weighted(
     loss = trajectory.loss
     if sample_weights is not None:
         weights = torch.as_tensor(np.asarray(sample_weights), dtype=dtype, device=device)
-    set_flat_parameters(model, layout, torch.from_numpy(trajectory.weights(0)).to(device, dtype))
+    trajectory.load_checkpoint(model, 0)
+    model.train()
     if np.any(trajectory.velocity(0) != 0):
         raise InvalidArgumentError("retraining needs checkpoint 0 at the start of training")
     optimizer = sgd_optimizer(model, layout, settings[0] if settings else None)
     inputs, targets = train.inputs, train.targets
+    current = [0]
 
     def gradient_of(batch: np.ndarray) -> torch.Tensor:
         index = torch.from_numpy(np.asarray(batch, dtype=np.int64))
         x, y = inputs[index].to(device, dtype), targets[index].to(device)
-        return weighted_batch_gradient(model, layout, x, y, weights[index.to(device)], loss)
+        with step_randomness(trajectory.step_seed(current[0]), device):
+            return weighted_batch_gradient(model, layout, x, y, weights[index.to(device)], loss)
 
     steps = zip(batches, settings, strict=True)
-    for _ in run_steps(model, optimizer, layout, steps, gradient_of):
-        pass
+    for k, _, _ in run_steps(model, optimizer, layout, steps, gradient_of):
+        current[0] = k + 1
     return get_flat_parameters(model, layout)
 
 

@@ -3,12 +3,14 @@ judged by: pure torch (torch.func), no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 from hydra_store.core.losses import CROSS_ENTROPY, LossFunction, PerSampleLoss, cross_entropy
+from hydra_store.core.model_state import frozen_running_stats, needs_batch_forward
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
 
 # The default training loss of each sample (cross-entropy on logits); every function below
@@ -21,6 +23,10 @@ class PerSampleGradients:
 
     Reusing the buffer matters: a fresh 10-50 MB allocation per step is returned to the OS and
     mapped again by glibc every step, which costs more than the arithmetic (docs/design.md, "Measured facts").
+
+    A model in training mode with BatchNorm or dropout (core/model_state.py) takes them from one
+    forward pass of the whole batch instead (`batched_backward_gradients`): that pass is the
+    step's one forward pass, so it updates the running statistics as training does.
     """
 
     def __init__(
@@ -46,6 +52,8 @@ class PerSampleGradients:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (losses (B,), gradients (B, P)); the gradients live in a reused buffer."""
         batch = inputs.shape[0]
+        if needs_batch_forward(self.model):
+            return batched_backward_gradients(self.model, self.layout, inputs, targets, self.loss)
         buffers = {n: b.detach() for n, b in self.model.named_buffers()}
         grads, losses = self._grad(self.parameters(), buffers, inputs, targets)
         ref = next(iter(grads.values()))
@@ -63,6 +71,39 @@ class PerSampleGradients:
         return losses.detach(), out
 
 
+def batched_backward_gradients(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossFunction = cross_entropy,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses (B,), per-sample gradients (B, P)) from one forward pass of the whole batch and
+    one batched backward pass (`is_grads_batched`): row i is d(l_i)/dw with l_i the loss of
+    sample i in this batch, so through BatchNorm's batch statistics it depends on the other
+    samples (the gradient of the weighted batch loss with respect to sample i's weight, times
+    B). Their mean is the gradient of the batch's mean loss. The forward pass updates the
+    running statistics once, as a training step does."""
+    params = [dict(model.named_parameters())[n] for n in layout.names]
+    losses = loss(model(inputs), targets)
+    batch = int(losses.shape[0])
+    eye = torch.eye(batch, dtype=losses.dtype, device=losses.device)
+    grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True)
+    flat = torch.cat([g.reshape(batch, -1) for g in grads], dim=1)
+    return losses.detach(), flat
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (running statistics, no dropout), as test losses are taken."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 def per_sample_loss_function(
     model: torch.nn.Module,
     layout: ParameterLayout,
@@ -70,11 +111,15 @@ def per_sample_loss_function(
     targets: torch.Tensor,
     loss: LossFunction = cross_entropy,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-sample training losses (B,) of one batch as a function of the flat parameters."""
+    """The per-sample training losses (B,) of one batch as a function of the flat parameters.
+
+    Evaluating it updates no running statistics (it is never the step's own forward pass); in
+    training mode a BatchNorm layer still normalises by the batch's statistics."""
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def losses(flat: torch.Tensor) -> torch.Tensor:
-        outputs = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
+        with frozen_running_stats(model):
+            outputs = functional_call(model, (layout.unflatten(flat), buffers), (inputs,))
         return loss(outputs, targets)
 
     return losses
@@ -100,7 +145,9 @@ def hessian_vector_products(
     def hvp(v):
         return jvp(grad(loss), (point,), (v,))[1]
 
-    return vmap(hvp)(vectors)
+    # "same": dropout draws one mask for every vector, the mask of the step's forward pass
+    # (the caller runs under the step's seed, core/model_state.py `step_randomness`).
+    return vmap(hvp, randomness="same")(vectors)
 
 
 def batch_gradient(
@@ -170,11 +217,11 @@ def evaluate(
     batch_size: int = 1024,
     loss: PerSampleLoss = CROSS_ENTROPY,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) of the model on a set of samples, in batches, without gradients;
-    the accuracy is NaN for a loss that is not a classification loss."""
+    """(mean loss, accuracy) of the model in eval mode on a set of samples, in batches, without
+    gradients; the accuracy is NaN for a loss that is not a classification loss."""
     param = next(model.parameters())
     total_loss, correct = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_mode(model):
         for start in range(0, int(targets.shape[0]), batch_size):
             x = inputs[start : start + batch_size].to(param.device, param.dtype)
             y = targets[start : start + batch_size].to(param.device)
@@ -196,7 +243,12 @@ def mean_loss_gradient(
     loss: LossFunction = cross_entropy,
 ) -> tuple[torch.Tensor, float]:
     """(the gradient of the mean loss over the samples at the model's weights (P,), that mean
-    loss): the test direction u of a whole test set."""
+    loss): the test direction u of a whole test set, with the model in eval mode."""
+    with evaluation_mode(model):
+        return _mean_loss_gradient(model, layout, inputs, targets, batch_size, loss)
+
+
+def _mean_loss_gradient(model, layout, inputs, targets, batch_size, loss):
     param = next(model.parameters())
     point = get_flat_parameters(model, layout)
     total = torch.zeros_like(point)
@@ -223,7 +275,13 @@ def per_sample_loss_gradients(
     targets: torch.Tensor,
     loss: LossFunction = cross_entropy,
 ) -> torch.Tensor:
-    """The loss gradient of each given sample at the model's weights, (n, P)."""
+    """The loss gradient of each given sample at the model's weights, (n, P), with the model in
+    eval mode (as test losses are taken)."""
+    with evaluation_mode(model):
+        return _per_sample_loss_gradients(model, layout, inputs, targets, loss)
+
+
+def _per_sample_loss_gradients(model, layout, inputs, targets, loss):
     param = next(model.parameters())
     point = get_flat_parameters(model, layout)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -235,3 +293,4 @@ def per_sample_loss_gradients(
     x = inputs.to(param.device, param.dtype)
     y = targets.to(param.device)
     return vmap(grad(one), in_dims=(None, 0, 0))(point, x, y)
+

@@ -42,6 +42,7 @@ from hydra_store.core.hypergradient import (
     named_trackers,
 )
 from hydra_store.core.losses import PerSampleLoss, recorded_loss
+from hydra_store.core.model_state import needs_batch_forward, step_randomness
 from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
 from hydra_store.core.projection import projector_from_attrs
 from hydra_store.core.sgd import SGDSettings
@@ -335,6 +336,8 @@ class _PartitionRun:
             else None
         )
         self.per_sample = PerSampleGradients(self.model, self.layout, loss)
+        self.model.train()
+        self.seeds = np.asarray(group["step_seed"][:]) if "step_seed" in group else None
         self.log = (
             GradientLogReader(
                 log_folder(path),
@@ -459,12 +462,18 @@ class _PartitionRun:
         mine = np.nonzero(self.selection.row_of[batch] >= 0)[0]
         flat = torch.from_numpy(weights).to(self.device, self.dtype)
         gradients = torch.empty(0, self.layout.n_params, dtype=self.dtype, device=self.device)
+        seed = None if self.seeds is None else int(self.seeds[step - 1])
         if mine.size:
             set_flat_parameters(self.model, self.layout, flat)
-            index = torch.from_numpy(batch[mine])
+            # A batch-coupled model's gradients come from the forward pass of the whole batch.
+            coupled = needs_batch_forward(self.model)
+            index = torch.from_numpy(batch if coupled else batch[mine])
             x = self.inputs[index].to(self.device, self.dtype)
             y = self.targets[index].to(self.device)
-            gradients = self.per_sample(x, y)[1]
+            with step_randomness(seed, self.device):
+                gradients = self.per_sample(x, y)[1]
+            if coupled:
+                gradients = gradients[torch.from_numpy(mine).to(self.device)]
             check_gradient_fingerprints(
                 gradients,
                 self.direction,
@@ -475,18 +484,22 @@ class _PartitionRun:
             )
         if self.exact is not None:
             whole = torch.from_numpy(batch)
-            self.exact.step(
-                flat,
-                self.inputs[whole].to(self.device, self.dtype),
-                self.targets[whole].to(self.device),
-                batch,
-                gradients,
-                settings,
-                batch_index_tracked=batch[mine],
-            )
+            with step_randomness(seed, self.device):
+                self._exact_step(flat, whole, batch, mine, gradients, settings)
         if self.approximate is not None:
             projected = self.projector.project(gradients) if mine.size else gradients[:, :0]
             self.approximate.step(batch[mine], projected, settings, batch_size=batch.size)
+
+    def _exact_step(self, flat, whole, batch, mine, gradients, settings) -> None:
+        self.exact.step(
+            flat,
+            self.inputs[whole].to(self.device, self.dtype),
+            self.targets[whole].to(self.device),
+            batch,
+            gradients,
+            settings,
+            batch_index_tracked=batch[mine],
+        )
 
     def _write_history(self, checkpoint: int) -> None:
         if not self.history:

@@ -46,6 +46,14 @@ from hydra_store.core.hypergradient import (
     tracked_variables,
 )
 from hydra_store.core.losses import BUILT_IN_LOSSES, LossFunction, PerSampleLoss, resolve_loss
+from hydra_store.core.model_state import (
+    BufferLayout,
+    batch_norms,
+    has_dropout,
+    needs_batch_forward,
+    step_randomness,
+    step_seed,
+)
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
 from hydra_store.core.projection import IdentityProjector, Projector, TensorSketchProjector
 from hydra_store.core.sgd import (
@@ -112,7 +120,8 @@ class HydraRecorder:
     """Record a training run and the HyDRA hypergradients of the tracked samples.
 
     Args:
-        model: the network; refused if it has BatchNorm or Dropout layers.
+        model: the network (BatchNorm and dropout included: core/model_state.py; layers whose
+            steps cannot be replayed are refused, data/models.py `check_supported_model`).
         optimizer: a torch.optim.SGD over exactly `model.parameters()`, one param group,
             dampening 0, no Nesterov.
         store: path of the Zarr store to create.
@@ -244,13 +253,21 @@ class HydraRecorder:
         self._check_disk(store, planned_steps, planned_checkpoints, planned_epochs)
         self._build_trackers(state_factory)
         self.per_sample = PerSampleGradients(model, self.layout, self.loss)
+        # A batch-coupled model (BatchNorm, dropout) takes its per-sample gradients from one
+        # forward pass of the batch; the sketch's hooks assume each loss sees its own sample.
         self.sketched = (
             SketchedGradients(model, self.layout, self.projector, loss=self.loss)
             if sketch_gradients
             and mode == "approximate"
             and isinstance(self.projector, TensorSketchProjector)
+            and not needs_batch_forward(model)
             else None
         )
+        self.seed = int(seed)
+        self._draws_masks = has_dropout(model)
+        self._batch_norm = bool(batch_norms(model))
+        self._pending_seeds: list[int] = []
+        self.buffer_layout = BufferLayout.from_model(model)
         self._fingerprint_seed = FINGERPRINT_SEED
         self._direction = fingerprint_direction(self.layout.n_params, self._fingerprint_seed)
 
@@ -445,6 +462,25 @@ class HydraRecorder:
             )
         for name in ("checkpoint_step", "checkpoint_epoch"):
             s.create_array(name, dims=("checkpoint",), shape=(0,), dtype=np.int64, chunks=(4096,))
+        if self.buffer_layout.size:
+            s.create_array(
+                "buffers",
+                dims=("checkpoint", "buffer"),
+                shape=(0, self.buffer_layout.size),
+                dtype=np.float64,
+                chunks=(1, self.buffer_layout.size),
+                attrs={"long_name": "the model's running statistics at each checkpoint"},
+            )
+            s.update_attrs({"buffer_layout": self.buffer_layout.to_attrs()})
+        if self._draws_masks:
+            s.create_array(
+                "step_seed",
+                dims=("step",),
+                shape=(0,),
+                dtype=np.int64,
+                chunks=(65536,),
+                attrs={"long_name": "the seed of each step's dropout masks"},
+            )
         s.create_array(
             "batch_index",
             dims=("step", "slot"),
@@ -613,6 +649,12 @@ class HydraRecorder:
                 f"{values[counts > 1][:5].tolist()} more than once; each sample may be drawn "
                 "once a batch"
             )
+        if index.size < 2 and self._batch_norm and self.model.training:
+            raise InvalidArgumentError(
+                f"step {self.step_count + 1}: BatchNorm needs at least 2 samples per batch in "
+                "training, this batch has 1; drop the last incomplete batch (for example "
+                "DataLoader(..., drop_last=True))"
+            )
         if self._named is not None:
             self._named.check_batch(inputs, targets, index, self.step_count + 1)
         if self.step_count == 0:
@@ -622,17 +664,21 @@ class HydraRecorder:
         targets = targets.to(self.device)
         self._note_digests(index, inputs, targets)
         sketched = None
-        if self.mode == "trajectory":
-            losses, gradients = batch_gradient(self.model, self.layout, inputs, targets, self.loss)
-        elif self.sketched is not None:
-            direction = self._direction if self.partitioned else None
-            checked = self.sketched.hooks_exact is not None
-            sketched = self.sketched(inputs, targets, direction)
-            losses, gradients = sketched.losses, sketched.mean_gradient[None]
-            if not checked and self.sketched.hooks_exact is False:
-                self.store.update_attrs({"step_gradient": self._step_gradient})
-        else:
-            losses, gradients = self.per_sample(inputs, targets)
+        seed = step_seed(self.seed, self.step_count + 1) if self._draws_masks else None
+        with step_randomness(seed, self.device):
+            if self.mode == "trajectory":
+                losses, gradients = batch_gradient(
+                    self.model, self.layout, inputs, targets, self.loss
+                )
+            elif self.sketched is not None:
+                direction = self._direction if self.partitioned else None
+                checked = self.sketched.hooks_exact is not None
+                sketched = self.sketched(inputs, targets, direction)
+                losses, gradients = sketched.losses, sketched.mean_gradient[None]
+                if not checked and self.sketched.hooks_exact is False:
+                    self.store.update_attrs({"step_gradient": self._step_gradient})
+            else:
+                losses, gradients = self.per_sample(inputs, targets)
         if not torch.isfinite(losses).all():
             raise InvalidArgumentError(
                 f"the training loss became {losses.mean().item()} at step {self.step_count + 1}; "
@@ -657,7 +703,8 @@ class HydraRecorder:
             self._pending_steps["gradient_scale"].append(scale)
         if self.exact is not None:
             weights_before = get_flat_parameters(self.model, self.layout)
-            self.exact.step(weights_before, inputs, targets, index, gradients, settings)
+            with step_randomness(seed, self.device):  # the masks of the step's forward pass
+                self.exact.step(weights_before, inputs, targets, index, gradients, settings)
         if self.approximate is not None:
             projected = (
                 sketched.projected if sketched is not None else self.projector.project(gradients)
@@ -675,6 +722,8 @@ class HydraRecorder:
                     projected = self.projector.project(tracked).detach().cpu().numpy()
                 self._log.add(self.step_count + 1, rows[keep], projected)
         sgd_step(self.model, self.optimizer, self.layout, gradients)
+        if seed is not None:
+            self._pending_seeds.append(seed)
         if self._batch_labels is not None:
             self._note_labels(index, targets)
         self.step_count += 1
@@ -751,6 +800,9 @@ class HydraRecorder:
             for name in ("lr", "momentum", "weight_decay", "batch_loss"):
                 self.store.append(name, np.asarray(p[name], dtype=np.float64))
             self.store.append("step_epoch", np.asarray(p["step_epoch"], dtype=np.int64))
+        if self._pending_seeds:
+            self.store.append("step_seed", np.asarray(self._pending_seeds, dtype=np.int64))
+            self._pending_seeds = []
         for name, rows in self._pending_blocks.items():
             if rows:
                 self.store.append(name, np.stack([np.asarray(r) for r in rows]))
@@ -784,6 +836,7 @@ class HydraRecorder:
     _BLOCK_VARIABLES = (
         "weights",
         "velocity",
+        "buffers",
         "checkpoint_step",
         "checkpoint_epoch",
         "train_loss",
@@ -804,6 +857,8 @@ class HydraRecorder:
         )
         b["checkpoint_step"].append(np.int64(self.step_count))
         b["checkpoint_epoch"].append(np.int64(epoch))
+        if self.buffer_layout.size:
+            b["buffers"].append(self.buffer_layout.flatten(self.model))
         self._last_checkpoint_step = self.step_count
         if self.hypergradient_history and not self.partitioned:
             for name, tracker in self._trackers():

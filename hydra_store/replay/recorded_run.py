@@ -22,6 +22,7 @@ import zarr
 from hydra_store.arguments import RecordConfig
 from hydra_store.core.fingerprints import sample_digests
 from hydra_store.core.losses import LossFunction, PerSampleLoss
+from hydra_store.core.model_state import BufferLayout
 from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
 from hydra_store.data.datasets import DatasetBundle, Split, fingerprint
 from hydra_store.data.models import build_model
@@ -242,8 +243,8 @@ def model_at_checkpoint(
     dtype: torch.dtype | None = None,
     inputs: RunInputs | None = None,
 ) -> torch.nn.Module:
-    """The recorded model with the weights of a checkpoint (default: the last one); built by
-    `inputs` when given, else from the store's config."""
+    """The recorded model with the weights and running statistics of a checkpoint (default: the
+    last one), in training mode; built by `inputs` when given, else from the store's config."""
     group = open_group(path)
     weights = group["weights"]
     n_checkpoints = weights.shape[0]
@@ -277,4 +278,13 @@ def model_at_checkpoint(
             "that was trained"
         )
     set_flat_parameters(model, layout, torch.from_numpy(stored).to(dtype))
+    buffer_attrs = group.attrs.get("buffer_layout")
+    if buffer_attrs and "buffers" in group:
+        buffer_layout = BufferLayout.from_attrs(buffer_attrs)
+        if BufferLayout.from_model(model) != buffer_layout:
+            raise InvalidArgumentError(
+                f"{origin} has other buffers (running statistics) than the model recorded in "
+                f"{path}; give the model that was trained"
+            )
+        buffer_layout.assign(model, np.asarray(group["buffers"][checkpoint]))
     return model

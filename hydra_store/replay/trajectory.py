@@ -12,6 +12,7 @@ import torch
 
 from hydra_store.core.gradients import PerSampleGradients, step_gradients
 from hydra_store.core.losses import LossFunction, PerSampleLoss, recorded_loss
+from hydra_store.core.model_state import BufferLayout, step_randomness
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters, set_flat_parameters
 from hydra_store.core.sgd import SGDSettings, run_steps, sgd_optimizer
 from hydra_store.data.datasets import Split
@@ -47,6 +48,28 @@ class Trajectory:
         self.n_steps = int(self.group["lr"].shape[0])
         self.n_train = int(self.group.attrs["n_train"])
         self.layout = ParameterLayout.from_attrs(self.group.attrs["parameter_layout"])
+        buffers = self.group.attrs.get("buffer_layout")
+        self.buffer_layout = BufferLayout.from_attrs(buffers) if buffers else None
+        self._seeds = np.asarray(self.group["step_seed"][:]) if "step_seed" in self.group else None
+
+    def step_seed(self, step: int) -> int | None:
+        """The dropout seed of a step (1-based); None when the run drew no masks."""
+        return None if self._seeds is None else int(self._seeds[step - 1])
+
+    def buffers(self, checkpoint: int) -> np.ndarray | None:
+        """The model's running statistics at a checkpoint (None when it has none)."""
+        if self.buffer_layout is None or "buffers" not in self.group:
+            return None
+        return np.asarray(self.group["buffers"][checkpoint])
+
+    def load_checkpoint(self, model: torch.nn.Module, checkpoint: int) -> None:
+        """Give `model` the weights and running statistics of a checkpoint."""
+        dtype = next(model.parameters()).dtype
+        weights = torch.from_numpy(self.weights(checkpoint)).to(dtype)
+        set_flat_parameters(model, self.layout, weights)
+        buffers = self.buffers(checkpoint)
+        if buffers is not None:
+            self.buffer_layout.assign(model, buffers)
 
     def settings(self, start: int, stop: int) -> list[SGDSettings]:
         """Settings of steps start+1..stop (0-based slice [start, stop) of the step axis)."""
@@ -94,9 +117,8 @@ class Trajectory:
         )
         param = next(model.parameters())
         dtype, device = param.dtype, param.device
-        set_flat_parameters(
-            model, self.layout, torch.from_numpy(self.weights(checkpoint)).to(dtype)
-        )
+        self.load_checkpoint(model, checkpoint)
+        model.train()
         settings = self.settings(first, last)
         velocity = torch.from_numpy(self.velocity(checkpoint)).to(device, dtype)
         optimizer = sgd_optimizer(
@@ -106,24 +128,43 @@ class Trajectory:
         method = self.group.attrs.get("step_gradient", "per_sample_mean")
         inputs, targets = train.inputs, train.targets
 
+        current = [first]
+
         def gradient_of(batch: np.ndarray) -> torch.Tensor:
             index = torch.from_numpy(batch)
             x, y = inputs[index].to(device, dtype), targets[index].to(device)
-            return step_gradients(model, self.layout, per_sample, x, y, method)[1]
+            with step_randomness(self.step_seed(current[0]), device):
+                return step_gradients(model, self.layout, per_sample, x, y, method)[1]
 
         steps = zip(self.batches(first, last), settings, strict=True)
         for k, batch, s in run_steps(model, optimizer, self.layout, steps, gradient_of):
+            current[0] = first + k + 1
             yield Step(first + k + 1, batch, s, get_flat_parameters(model, self.layout))
         if check:
-            replayed = get_flat_parameters(model, self.layout).cpu().numpy()
-            stored = self.weights(checkpoint + 1)
-            scale = max(1.0, float(np.abs(stored).max()))
-            error = float(np.abs(replayed - stored).max()) / scale
+            self._check_checkpoint(model, checkpoint + 1, f"steps {first + 1}..{last}", rtol)
+
+    def _check_checkpoint(self, model, checkpoint: int, replayed_steps: str, rtol: float) -> None:
+        """The replayed weights (and running statistics) must be the stored checkpoint's."""
+        pairs = [
+            (
+                "",
+                get_flat_parameters(model, self.layout).cpu().numpy(),
+                self.weights(checkpoint),
+            )
+        ]
+        stored_buffers = self.buffers(checkpoint)
+        if stored_buffers is not None:
+            pairs.append(
+                ("the running statistics of ", self.buffer_layout.flatten(model), stored_buffers)
+            )
+        for what, replayed, stored in pairs:
+            scale = max(1.0, float(np.abs(stored).max())) if stored.size else 1.0
+            error = float(np.abs(replayed - stored).max()) / scale if stored.size else 0.0
             if not np.isfinite(error) or error > rtol:
                 raise ReplayMismatchError(
-                    f"replaying steps {first + 1}..{last} from checkpoint {checkpoint} does not "
-                    f"reproduce checkpoint {checkpoint + 1} (max relative difference {error:.2e}); "
-                    "the store's trajectory or data does not match its weights"
+                    f"replaying {replayed_steps} from checkpoint {checkpoint - 1} does not "
+                    f"reproduce {what}checkpoint {checkpoint} (max relative difference "
+                    f"{error:.2e}); the store's trajectory or data does not match its weights"
                 )
 
 
