@@ -16,7 +16,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # older typer runs on click itself
     from click.exceptions import UsageError
 
-from hydra_store.errors import HydraStoreError, Terminated
+from hydra_store.errors import HydraStoreError, Terminated, unwrap_interruption
 
 T = TypeVar("T")
 
@@ -114,6 +114,13 @@ def user_errors() -> Iterator[None]:
     except Terminated:
         typer.echo("terminated (SIGTERM)", err=True)
         raise typer.Exit(143) from None
+    except RuntimeError as error:
+        signal = unwrap_interruption(error)
+        if signal is error:
+            raise
+        interrupted = isinstance(signal, KeyboardInterrupt)
+        typer.echo("interrupted" if interrupted else "terminated (SIGTERM)", err=True)
+        raise typer.Exit(130 if interrupted else 143) from None
 
 
 def terminate_on_sigterm() -> None:

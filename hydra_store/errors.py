@@ -67,3 +67,16 @@ class StoreLockedError(HydraStoreError):
 class Terminated(BaseException):
     """The process was asked to stop (SIGTERM). A BaseException, like KeyboardInterrupt, so that
     no `except Exception` swallows it; the recorder marks its store failed on the way out."""
+
+
+def unwrap_interruption(error: BaseException) -> BaseException:
+    """The `Terminated` or `KeyboardInterrupt` that TorchScript wrapped into a RuntimeError when
+    the signal came in the middle of a scripted operation (BatchNorm's decompositions under
+    torch.func are scripted); any other error as it is."""
+    if isinstance(error, RuntimeError) and not isinstance(error, HydraStoreError):
+        text = str(error)
+        if "Terminated: SIGTERM received" in text:
+            return Terminated("SIGTERM received")
+        if "KeyboardInterrupt" in text:
+            return KeyboardInterrupt()
+    return error

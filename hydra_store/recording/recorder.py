@@ -66,7 +66,7 @@ from hydra_store.core.sgd import (
 from hydra_store.core.sketched_gradients import SketchedGradients
 from hydra_store.core.state import InMemoryTrackedState, StateFactory, state_nbytes
 from hydra_store.data.models import check_supported_model
-from hydra_store.errors import InvalidArgumentError
+from hydra_store.errors import InvalidArgumentError, unwrap_interruption
 from hydra_store.recording.durable import restore_durable_point
 from hydra_store.recording.gradient_log import GradientLogWriter, log_folder
 from hydra_store.recording.memory import (
@@ -1041,6 +1041,9 @@ class HydraRecorder:
             self._fail_with(exc_type, exc)
 
     def _fail_with(self, exc_type: type[BaseException], exc: BaseException | None) -> None:
+        if exc is not None:
+            exc = unwrap_interruption(exc)
+            exc_type = type(exc)
         if exc_type is KeyboardInterrupt:
             self.fail("interrupted (Ctrl-C)")
         else:

@@ -7,7 +7,10 @@ names its holder: process id, its start time, host and command. A second writer 
 one line naming the holder. A lock whose holder is gone (same host, and no process with that id
 and start time) is stale: it is taken over.
 
-Locks are local-file-system locks: a store on object storage is not locked (docs/store-format.md).
+On object storage (a store at an fsspec URL) the lock is an object beside the store, created
+with a conditional write that fails if it exists (S3's `If-None-Match: *`, which s3fs issues
+for mode "xb"), so the same protocol holds there. A holder on another host cannot be checked:
+its lock stays until it ends or someone deletes it (the refusal says which object).
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from upath import UPath
+
 from hydra_store.errors import StoreLockedError
 from hydra_store.store.location import StorePath, store_path
+
+LockPath = Path | UPath
 
 
 @dataclass(frozen=True)
@@ -80,39 +87,43 @@ def _command() -> str:
     return program
 
 
-def store_lock_file(store: StorePath) -> Path | None:
-    """The recording lock of a local store (None for one on object storage)."""
-    if not isinstance(store, Path):
-        return None
+def store_lock_file(store: StorePath) -> LockPath:
+    """The recording lock of a store: beside it, in its folder or under its prefix's parent."""
     return store.parent / f".{store.name}.lock"
 
 
-def group_lock_file(store: StorePath, name: str) -> Path | None:
-    """The lock of the result group `name` (e.g. `analysis/test`) of a local store."""
-    if not isinstance(store, Path):
-        return None
+def group_lock_file(store: StorePath, name: str) -> LockPath:
+    """The lock of the result group `name` (e.g. `analysis/test`) of a store."""
     *parents, last = name.split("/")
     return store.joinpath(*parents) / f".{last}.lock"
 
 
-def read_holder(lock: Path) -> LockHolder | None:
+def _fresh(lock: LockPath) -> LockPath:
+    """An object-store path with the file system's listing cache dropped (another process may
+    have created or deleted the lock since it was listed)."""
+    if isinstance(lock, UPath):
+        lock.fs.invalidate_cache(lock.path)
+    return lock
+
+
+def read_holder(lock: LockPath) -> LockHolder | None:
     try:
-        return LockHolder(**json.loads(lock.read_text()))
+        return LockHolder(**json.loads(_fresh(lock).read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
 
-def live_holder(lock: Path | None) -> LockHolder | None:
+def live_holder(lock: LockPath | None) -> LockHolder | None:
     """Who holds `lock` now (None: nobody, or only a stale holder)."""
-    if lock is None or not lock.exists():
+    if lock is None or not _fresh(lock).exists():
         return None
     holder = read_holder(lock)
     return holder if holder is not None and holder.is_alive() else None
 
 
 def live_holders_inside(store: StorePath) -> list[LockHolder]:
-    """The live holders of any group lock inside a local store (analyses writing into it)."""
-    if not isinstance(store, Path) or not store.is_dir():
+    """The live holders of any group lock inside a store (analyses writing into it)."""
+    if not _fresh(store).is_dir():
         return []
     holders = (live_holder(lock) for lock in store.rglob(".*.lock"))
     return [holder for holder in holders if holder is not None]
@@ -123,10 +134,20 @@ def live_holders_inside(store: StorePath) -> list[LockHolder]:
 UNREADABLE_LOCK_AGE = 10.0
 
 
-def _publish(lock: Path, holder: LockHolder) -> bool:
+def _publish(lock: LockPath, holder: LockHolder) -> bool:
     """Create `lock` holding `holder`, atomically and only if it does not exist: the holder is
     written to a private file first and hard-linked into place, so no reader ever sees a lock
-    file without its holder (an empty one would look stale and be taken over)."""
+    file without its holder (an empty one would look stale and be taken over). On object
+    storage, one conditional write of the whole object does both."""
+    if isinstance(lock, UPath):
+        try:
+            with lock.fs.open(lock.path, "xb") as file:
+                file.write(json.dumps(asdict(holder)).encode())
+        except FileExistsError:
+            return False
+        finally:
+            lock.fs.invalidate_cache(lock.path)
+        return True
     private = lock.with_name(f"{lock.name}.{os.getpid()}-{time.monotonic_ns()}")
     private.write_text(json.dumps(asdict(holder)))
     try:
@@ -138,17 +159,19 @@ def _publish(lock: Path, holder: LockHolder) -> bool:
         private.unlink(missing_ok=True)
 
 
-def _is_stale(lock: Path, holder: LockHolder | None) -> bool:
+def _is_stale(lock: LockPath, holder: LockHolder | None) -> bool:
     if holder is not None:
         return not holder.is_alive()
     try:
-        return time.time() - lock.stat().st_mtime >= UNREADABLE_LOCK_AGE
+        return time.time() - _fresh(lock).stat().st_mtime >= UNREADABLE_LOCK_AGE
     except FileNotFoundError:
         return True
+    except (OSError, AttributeError, TypeError, ValueError):
+        return False  # an object store that gives no age: left to the user to delete
 
 
 @contextlib.contextmanager
-def hold(lock: Path | None, what: str) -> Iterator[None]:
+def hold(lock: LockPath | None, what: str) -> Iterator[None]:
     """Hold `lock` for the block; refuse (StoreLockedError) while a live process holds it."""
     if lock is None:
         yield

@@ -104,16 +104,18 @@ def test_info_on_missing_and_foreign_paths(tmp_path):
     assert_one_error_line(run("info", str(tmp_path / "plain")), "not a Zarr v3 store")
 
 
-def _start_long_recording(out: Path) -> subprocess.Popen:
+def _start_long_recording(
+    out: Path, dataset: str = "synthetic:n=4000,size=12", model: str = "mlp"
+) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
         "hydra_store_cli.main",
         "record",
         "--dataset",
-        "synthetic:n=4000,size=12",
+        dataset,
         "--model",
-        "mlp",
+        model,
         "--epochs",
         "500",
         "--out",
@@ -145,6 +147,31 @@ def _wait_for_checkpoints(out: Path, count: int, proc: subprocess.Popen, timeout
 def test_a_killed_recording_never_looks_complete(tmp_path, sig, status):
     out = tmp_path / "killed.zarr"
     proc = _start_long_recording(out)
+    _check_killed(out, proc, sig, status)
+
+
+def test_sigterm_inside_a_batch_norm_step_is_one_line_and_a_failed_store(tmp_path):
+    """Most of a BatchNorm step runs in TorchScript (its batched backward), which wraps the
+    signal handler's exception into a RuntimeError: still one line and `failed: Terminated`."""
+    out = tmp_path / "bn.zarr"
+    proc = _start_long_recording(out, "synthetic:n=256,channels=3,size=16", "bncnn")
+    _check_killed(out, proc, signal.SIGTERM, "failed")
+
+
+def test_an_interruption_wrapped_by_torchscript_is_unwrapped():
+    from hydra_store.errors import Terminated, unwrap_interruption
+
+    wrapped = RuntimeError(
+        "The following operation failed in the TorchScript interpreter.\n"
+        "RuntimeError: Terminated: SIGTERM received"
+    )
+    assert isinstance(unwrap_interruption(wrapped), Terminated)
+    assert isinstance(unwrap_interruption(RuntimeError("x KeyboardInterrupt")), KeyboardInterrupt)
+    other = RuntimeError("shape mismatch")
+    assert unwrap_interruption(other) is other
+
+
+def _check_killed(out: Path, proc: subprocess.Popen, sig, status: str) -> None:
     try:
         _wait_for_checkpoints(out, 2, proc)
         proc.send_signal(sig)

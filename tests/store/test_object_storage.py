@@ -4,6 +4,9 @@ fixture), compared with the same run on a local disk."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import s3fs
@@ -133,3 +136,47 @@ def test_a_partitioned_projected_recording_on_s3_keeps_its_log_local(s3_bucket, 
         rtol=1e-6,
         atol=1e-6 * float(np.abs(open_dataset(local)["hypergradient"].values).max()),
     )
+
+
+def test_one_writer_at_a_time_on_object_storage(s3_bucket, digits_store, tmp_path):
+    """Locks on S3 are objects created by a conditional write: a second writer is refused
+    naming the holder, a stale lock (its process gone) is taken over, and the lock goes away
+    with its holder."""
+    import subprocess
+    import sys
+
+    from upath import UPath
+
+    from hydra_store.store.locks import group_lock_file, hold, read_holder, store_lock_file
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    url = f"s3://{s3_bucket}/locked/digits.zarr"
+    fs.put(str(digits_store), url.removeprefix("s3://"), recursive=True)
+    lock = store_lock_file(UPath(url))
+    assert str(lock) == f"s3://{s3_bucket}/locked/.digits.zarr.lock"
+    with hold(lock, "the store"):
+        assert read_holder(lock).pid == os.getpid()
+        again = CliRunner().invoke(app, ["record", "--epochs", "1", "--out", url, "--overwrite"])
+        assert again.exit_code == 2 and "is being written by" in again.output
+        assert "Traceback" not in again.output
+    assert not fs.exists(str(lock).removeprefix("s3://"))
+
+    group = group_lock_file(UPath(url), "reverse/test")
+    with hold(group, "the group"):
+        busy = CliRunner().invoke(app, ["analyze", url, "--method", "hydra-exact"])
+        assert busy.exit_code == 2 and "the group reverse/test" in busy.output
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    stale = {
+        "pid": int(gone.stdout),
+        "started": None,
+        "host": __import__("socket").gethostname(),
+        "command": "hydra-store analyze",
+        "since": "2026-01-01 00:00:00",
+    }
+    fs.pipe(str(group).removeprefix("s3://"), json.dumps(stale).encode())
+    taken = CliRunner().invoke(app, ["analyze", url, "--method", "hydra-exact"])
+    assert taken.exit_code == 0, taken.output
+    assert not fs.exists(str(group).removeprefix("s3://"))
