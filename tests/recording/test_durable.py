@@ -48,6 +48,11 @@ PARTITIONED = [
     "--model", "mlp:hidden=8", "--epochs", "2", "--lr", "0.1", "--batch-size", "512",
     "--project-dim", "32", "--memory-budget", "60KB", "--durable-seconds", "0",
 ]  # fmt: skip
+# BatchNorm and dropout: running statistics in every checkpoint, a dropout seed per step.
+BATCH_NORM = [
+    "--dataset", "synthetic:n=96,channels=3,size=8,test=16", "--model", "bncnn",
+    "--epochs", "2", "--batch-size", "32", "--track", "24", "--durable-seconds", "0",
+]  # fmt: skip
 # Attributes that say when, not what.
 WHEN = {"created", "completed"}
 
@@ -103,6 +108,7 @@ KILLS = {
     "in-the-final-write": (APPROXIMATE, "final:1"),
     "exact": (EXACT, "step:5"),
     "partitioned": (PARTITIONED, "durable:4"),
+    "batch-norm": (BATCH_NORM, "step:5"),
 }
 
 
@@ -129,6 +135,7 @@ def runs(tmp_path_factory):
         ("approximate", APPROXIMATE),
         ("exact", EXACT),
         ("partitioned", PARTITIONED),
+        ("batch-norm", BATCH_NORM),
     ):
         whole[name] = folder / f"{name}.zarr"
         record(args, whole[name])
@@ -178,6 +185,14 @@ def test_a_partitioned_recording_resumes_training_with_its_gradient_log(runs):
     resume(out, "from its durable point at step 3")
     assert not log.exists()  # deleted once every partition was recorded
     assert_same_store(out, whole["partitioned"])
+
+
+def test_a_batch_norm_and_dropout_recording_resumes_to_the_uninterrupted_store(runs):
+    whole, killed = runs
+    resume(killed["batch-norm"], "(status: complete)")
+    assert_same_store(killed["batch-norm"], whole["batch-norm"])
+    group = zarr.open_group(killed["batch-norm"], mode="r")
+    assert group["buffers"].shape[0] == 3 and group["step_seed"].shape[0] == 6
 
 
 def test_a_kill_from_outside_resumes_and_the_store_verifies(runs, tmp_path):
