@@ -67,6 +67,7 @@ def retrain_weighted(
     loss = trajectory.loss
     if sample_weights is not None:
         weights = torch.as_tensor(np.asarray(sample_weights), dtype=dtype, device=device)
+    trajectory.check_mask_device(device)
     trajectory.load_checkpoint(model, 0)
     model.train()
     if np.any(trajectory.velocity(0) != 0):

@@ -479,7 +479,10 @@ class HydraRecorder:
                 shape=(0,),
                 dtype=np.int64,
                 chunks=(65536,),
-                attrs={"long_name": "the seed of each step's dropout masks"},
+                attrs={
+                    "long_name": "the seed of each step's dropout masks",
+                    "device": self.device.type,  # masks drawn on another device differ
+                },
             )
         s.create_array(
             "batch_index",

@@ -51,6 +51,19 @@ class Trajectory:
         buffers = self.group.attrs.get("buffer_layout")
         self.buffer_layout = BufferLayout.from_attrs(buffers) if buffers else None
         self._seeds = np.asarray(self.group["step_seed"][:]) if "step_seed" in self.group else None
+        self._mask_device = (
+            self.group["step_seed"].attrs.get("device", "cpu") if self._seeds is not None else None
+        )
+
+    def check_mask_device(self, device: torch.device) -> None:
+        """Dropout masks drawn from one seed differ between CPU and CUDA generators: a run with
+        dropout replays only on the kind of device it was recorded on."""
+        if self._mask_device is not None and torch.device(device).type != self._mask_device:
+            raise ReplayMismatchError(
+                f"the dropout masks of {self.path} were drawn on {self._mask_device}, and "
+                f"{torch.device(device).type} draws other masks from the same seeds: replay, "
+                f"reverse mode and retraining of this run need a {self._mask_device} device"
+            )
 
     def step_seed(self, step: int) -> int | None:
         """The dropout seed of a step (1-based); None when the run drew no masks."""
@@ -117,6 +130,7 @@ class Trajectory:
         )
         param = next(model.parameters())
         dtype, device = param.dtype, param.device
+        self.check_mask_device(device)
         self.load_checkpoint(model, checkpoint)
         model.train()
         settings = self.settings(first, last)

@@ -21,7 +21,7 @@ from hydra_store.core.gradients import evaluate
 from hydra_store.core.losses import cross_entropy
 from hydra_store.core.model_state import frozen_running_stats, step_randomness
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
-from hydra_store.errors import InvalidArgumentError, ModelError
+from hydra_store.errors import InvalidArgumentError, ModelError, ReplayMismatchError
 from hydra_store.replay.trajectory import Trajectory
 
 N_TRAIN, N_TEST = 16, 10
@@ -227,3 +227,39 @@ def test_a_batch_of_one_and_unsupported_layers_are_refused(tmp_path):
                 n_train=4,
             )
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_run_whose_masks_were_drawn_on_another_device_is_refused(coupled_run, tmp_path):
+    import shutil
+
+    path, train, test, *_ = coupled_run
+    copy = tmp_path / "cuda-masks.zarr"
+    shutil.copytree(path, copy)
+    zarr.open_group(copy, mode="r+")["step_seed"].attrs["device"] = "cuda"
+    with pytest.raises(ReplayMismatchError, match="were drawn on cuda, and cpu draws other masks"):
+        run_exact_analysis(copy, inputs=RunInputs(coupled_net, train, test))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_batch_norm_recording_on_cuda_matches_the_cpu_one(tmp_path):
+    """BatchNorm without dropout (the masks of CPU and CUDA generators differ): hypergradients
+    and running statistics of a CUDA recording against the CPU one."""
+    from hydra_store.arguments import RecordConfig
+    from hydra_store.recording.training import record_run
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        config = RecordConfig(
+            dataset="synthetic:n=128,channels=3,size=16,test=32",
+            model="tests.user_plugins:batch_norm_cnn",
+            epochs=2,
+            batch_size=32,
+            out=str(tmp_path / f"{device}.zarr"),
+            device=device,
+        )
+        record_run(config)
+        runs[device] = zarr.open_group(tmp_path / f"{device}.zarr", mode="r")
+    for name in ("hypergradient", "buffers", "weights"):
+        cpu, gpu = runs["cpu"][name][:], runs["cuda"][name][:]
+        assert np.abs(cpu - gpu).max() <= 1e-3 * np.abs(cpu).max(), name
