@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import typer
 
-from hydra_store.arguments import CompareConfig, ValidateConfig
+from hydra_store.arguments import CompareConfig, LdsConfig, ValidateConfig
+from hydra_store.errors import InvalidArgumentError
 from hydra_store_cli.common import (
     DATA_ROOT_OPTION,
     DATA_SEED_OPTION,
@@ -20,6 +21,7 @@ from hydra_store_cli.common import (
 # Every option's default is its config's: the CLI repeats none of them.
 _COMPARE = CompareConfig()
 _VALIDATE = ValidateConfig()
+_LDS = LdsConfig()
 
 
 def register(app: typer.Typer) -> None:
@@ -79,6 +81,24 @@ def register(app: typer.Typer) -> None:
             _VALIDATE.selection, "--selection", help="random, influential (largest |C|) or mixed"
         ),
         seed: int = typer.Option(_VALIDATE.seed, "--seed"),
+        lds: bool = typer.Option(
+            False,
+            "--lds",
+            help="instead of leave-one-out: the linear datamodeling score (retrain on random "
+            "training subsets; per test sample, Spearman between each method's predicted and "
+            "the measured test loss)",
+        ),
+        lds_subsets: int | None = typer.Option(
+            None,
+            "--lds-subsets",
+            help=f"with --lds: how many random subsets to retrain on [default: {_LDS.subsets}]",
+        ),
+        lds_fraction: float | None = typer.Option(
+            None,
+            "--lds-fraction",
+            help=f"with --lds: the fraction of the training set in each subset "
+            f"[default: {_LDS.fraction:g}]",
+        ),
         scheduler: str = typer.Option(
             _VALIDATE.scheduler,
             "--scheduler",
@@ -91,21 +111,38 @@ def register(app: typer.Typer) -> None:
         data_seed: int = DATA_SEED_OPTION,
     ) -> None:
         """Leave-one-out retraining through the stored trajectory: correlation of each stored
-        method's predicted contribution with the measured change of the test loss."""
+        method's predicted contribution with the measured change of the test loss. With --lds,
+        the linear datamodeling score over random training subsets instead."""
+        from hydra_store.analysis.lds import run_lds
         from hydra_store.analysis.validation import run_validation
 
         bars = StageBars()
         with user_errors():
-            name_store(store, dataset, model, data_root, data_seed)
-            try:
-                config = ValidateConfig(
+            lds_config = None
+            if lds:
+                lds_config = LdsConfig(
                     test_set=test_set,
-                    samples=samples,
-                    selection=selection,
+                    subsets=_LDS.subsets if lds_subsets is None else lds_subsets,
+                    fraction=_LDS.fraction if lds_fraction is None else lds_fraction,
                     seed=seed,
                     scheduler=scheduler,
                 )
-                summary = run_validation(store, config, progress=bars, out=out)
+                lds_config.validate()  # before a store is named or anything is read
+            elif lds_subsets is not None or lds_fraction is not None:
+                raise InvalidArgumentError("--lds-subsets and --lds-fraction need --lds")
+            name_store(store, dataset, model, data_root, data_seed)
+            try:
+                if lds_config is not None:
+                    summary = run_lds(store, lds_config, progress=bars, out=out)
+                else:
+                    config = ValidateConfig(
+                        test_set=test_set,
+                        samples=samples,
+                        selection=selection,
+                        seed=seed,
+                        scheduler=scheduler,
+                    )
+                    summary = run_validation(store, config, progress=bars, out=out)
             finally:
                 bars.close()
         for line in summary.lines():

@@ -10,9 +10,10 @@ worker does not load torch):
   `load_run_data`, `replay_training`, `Trajectory`;
 - analyse: `contributions`, `total_contributions`, `interclass`, `top_influencers`,
   `sign_clusters`, `analyze`, `suspects`, `open_analysis` (hydra_store.analysis),
-  `run_exact_analysis` (reverse mode), `run_comparison`, `run_validation`; each analyser that
-  needs the model takes `inputs=RunInputs(model=..., train=..., test=..., loss=...)` for a
-  store that does not name its data set and model (a user's own loop);
+  `run_exact_analysis` (reverse mode), `run_comparison`, `run_validation`, `run_lds` (the
+  linear datamodeling score); each analyser that needs the model takes
+  `inputs=RunInputs(model=..., train=..., test=..., loss=...)` for a store that does not name
+  its data set and model (a user's own loop);
 - losses: `PerSampleLoss`, `resolve_loss` (`cross-entropy`, `mse`, or a user's function).
 
 The package is layered (docs/design.md): `data` and `core` at the bottom, then `store`, `replay`,
@@ -48,6 +49,7 @@ _EXPORTS = {
     "run_exact_analysis": "hydra_store.analysis.reverse",
     "run_comparison": "hydra_store.analysis.comparison",
     "run_validation": "hydra_store.analysis.validation",
+    "run_lds": "hydra_store.analysis.lds",
     "RunInputs": "hydra_store.replay.recorded_run",
     "PerSampleLoss": "hydra_store.core.losses",
     "resolve_loss": "hydra_store.core.losses",

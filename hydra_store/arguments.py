@@ -261,6 +261,32 @@ class ValidateConfig:
             )
 
 
+@dataclass(frozen=True)
+class LdsConfig:
+    """Arguments of one linear-datamodeling-score run (`validate --lds`); saved as the `config`
+    attribute of `reverse/<test set>/lds`. `subsets` random subsets of round(`fraction` x N)
+    training samples each, drawn with `seed`, are retrained on through the stored trajectory
+    (docs/analysis.md, "Linear datamodeling score (LDS)")."""
+
+    test_set: str = "test"
+    subsets: int = 32
+    fraction: float = 0.5
+    seed: int = 0
+    scheduler: str = "threads"
+
+    def validate(self) -> None:
+        if not 3 <= self.subsets <= 10_000:
+            raise InvalidArgumentError(
+                "--lds-subsets must be between 3 (a rank correlation over subsets) and 10000 "
+                f"(one retraining each), got {self.subsets}"
+            )
+        if not (math.isfinite(self.fraction) and 0 < self.fraction < 1):
+            raise InvalidArgumentError(
+                f"--lds-fraction must lie strictly between 0 and 1, got {self.fraction}"
+            )
+        _at_least(self, ("seed",), minimum=0)
+
+
 C = TypeVar("C")
 
 

@@ -25,7 +25,8 @@ from hydra_store.analysis.metrics import pearson, spearman
 from hydra_store.analysis.reverse import flush_denormals
 from hydra_store.analysis.test_sets import group_name, resolve_test_set
 from hydra_store.arguments import SELECTIONS, ValidateConfig, resolve_config
-from hydra_store.core.gradients import evaluate, weighted_batch_gradient
+from hydra_store.core.gradients import evaluate, evaluation_mode, weighted_batch_gradient
+from hydra_store.core.losses import PerSampleLoss
 from hydra_store.core.model_state import step_randomness
 from hydra_store.core.parameters import get_flat_parameters
 from hydra_store.core.sgd import SGDSettings, run_steps, sgd_optimizer
@@ -113,6 +114,49 @@ def retrained_test_loss(
             trajectory, model, train, sample_weights, batches=batches, settings=settings
         )
     return evaluate(model, tests.inputs, tests.targets, loss=trajectory.loss)[0]
+
+
+def per_sample_losses(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    loss: PerSampleLoss,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """The loss of every given sample (float64, (n,)), taken as `evaluate` takes the mean: the
+    model in eval mode, in batches, without gradients."""
+    param = next(model.parameters())
+    out = []
+    with torch.no_grad(), evaluation_mode(model):
+        for start in range(0, int(targets.shape[0]), batch_size):
+            x = inputs[start : start + batch_size].to(param.device, param.dtype)
+            y = targets[start : start + batch_size].to(param.device)
+            out.append(loss(model(x), y).detach().to("cpu", torch.float64).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def retrained_test_losses(
+    path: str,
+    test_set: str,
+    sample_weights: np.ndarray | None,
+    inputs: RunInputs | None = None,
+) -> np.ndarray:
+    """One task: retrain with the per-sample loss weights `sample_weights` (N,) (None: all 1);
+    the loss of every test sample, (n_test,) float64 (what `retrained_test_loss` averages)."""
+    trajectory, train, tests, batches, settings = _context(path, test_set, inputs)
+    model = model_at_checkpoint(path, 0, inputs=inputs)
+    with flush_denormals():
+        retrain_weighted(
+            trajectory, model, train, sample_weights, batches=batches, settings=settings
+        )
+    return per_sample_losses(model, tests.inputs, tests.targets, loss=trajectory.loss)
+
+
+def clear_context_cache() -> None:
+    """Forget the trajectories and data the retraining tasks of this process loaded: a store
+    may have changed since an earlier call."""
+    _context.cache_clear()
 
 
 def choose_samples(exact: np.ndarray, count: int, selection: str, seed: int) -> np.ndarray:
