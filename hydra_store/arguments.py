@@ -146,7 +146,7 @@ class RecordConfig:
 
             try:
                 budget = parse_bytes(self.memory_budget)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, OverflowError):
                 bad(
                     "memory-budget",
                     f"{self.memory_budget!r} is not a size; write e.g. 4GiB or 500MB",

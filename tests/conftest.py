@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from hydra_store.arguments import RecordConfig
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
@@ -177,3 +178,44 @@ def record_regression_run(path, *, loss="mse", mode="both", epochs=3, batch_size
         h = recorder.hypergradients().clone()
         h_exact = recorder.hypergradients(exact=True).clone() if mode == "both" else None
     return (x, y), test, initial, h, h_exact
+
+
+def unrolled_final_weights(
+    store, model, x, y, initial, sample_loss, *, detach_gradients: bool
+) -> torch.Tensor:
+    """dw_T/d(eps) (N, P) by `jacfwd` through the training replayed in plain PyTorch from the
+    stored batches, learning rates, momentum, weight decay and dropout seeds: step t's loss is
+    sum_j (1/B_t + eps_j N/B_t) l_j(w), each l_j through the batch's statistics (BatchNorm in
+    training mode, running statistics left alone). With `detach_gradients` the per-sample
+    gradients are taken at detached weights, which drops the Hessian (the approximate
+    recurrence's derivative)."""
+    from torch.func import functional_call, grad, jacfwd
+
+    from hydra_store.core.model_state import frozen_running_stats, step_randomness
+
+    group = zarr.open_group(store, mode="r")
+    batches = [row[row >= 0] for row in np.asarray(group["batch_index"][:])]
+    lrs = np.asarray(group["lr"][:])
+    momentum, decay = float(group["momentum"][0]), float(group["weight_decay"][0])
+    seeds = np.asarray(group["step_seed"][:]) if "step_seed" in group else [None] * len(lrs)
+    layout = ParameterLayout.from_model(model)
+    n = x.shape[0]
+
+    def final_weights(eps):
+        w, v = initial, torch.zeros_like(initial)
+        for batch, lr, seed in zip(batches, lrs, seeds, strict=True):
+            index = torch.from_numpy(batch)
+            weights = 1.0 / index.numel() + eps[index] * n / index.numel()
+
+            def loss(flat, index=index, weights=weights):
+                with frozen_running_stats(model):
+                    outputs = functional_call(model, layout.unflatten(flat), (x[index],))
+                return (weights * sample_loss(outputs, y[index])).sum()
+
+            with step_randomness(None if seed is None else int(seed)):
+                g = grad(loss)(w.detach() if detach_gradients else w)
+            v = momentum * v + g + decay * w
+            w = w - float(lr) * v
+        return w
+
+    return jacfwd(final_weights, randomness="same")(torch.zeros(n, dtype=torch.float64)).T

@@ -30,7 +30,7 @@ def parse_size(text: str, option: str = "--memory-budget") -> int:
 
     try:
         size = int(parse_bytes(text))
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OverflowError) as error:
         raise InvalidArgumentError(
             f"{option} {text!r} is not a size; write it like 4GiB, 500MB or 2e9"
         ) from error

@@ -11,7 +11,6 @@ import pytest
 import torch
 import zarr
 from torch import nn
-from torch.func import functional_call, grad, jacfwd
 
 import hydra_store
 from hydra_store import RunInputs
@@ -19,10 +18,11 @@ from hydra_store.analysis.reverse import run_exact_analysis
 from hydra_store.analysis.validation import retrain_weighted, run_validation
 from hydra_store.core.gradients import evaluate
 from hydra_store.core.losses import cross_entropy
-from hydra_store.core.model_state import frozen_running_stats, step_randomness
+from hydra_store.core.model_state import step_randomness
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
 from hydra_store.errors import InvalidArgumentError, ModelError, ReplayMismatchError
 from hydra_store.replay.trajectory import Trajectory
+from tests.conftest import unrolled_final_weights
 
 N_TRAIN, N_TEST = 16, 10
 
@@ -64,40 +64,11 @@ def coupled_run(tmp_path_factory):
     return path, (x, y), test, initial, h, h_exact, model
 
 
-def unrolled_final_weights(path, x, y, initial, detach_gradients):
-    """w_T(eps) by plain PyTorch through the stored batches, learning rates and dropout seeds:
-    step t's loss is sum_j (1/B + eps_j N/B) l_j(w; batch), l_j through the batch's statistics."""
-    group = zarr.open_group(path, mode="r")
-    batches = [row[row >= 0] for row in np.asarray(group["batch_index"][:])]
-    seeds, lrs = np.asarray(group["step_seed"][:]), np.asarray(group["lr"][:])
-    reference = coupled_net()
-    layout = ParameterLayout.from_model(reference)
-
-    def final_weights(eps):
-        w, v = initial, torch.zeros_like(initial)
-        for batch, lr, seed in zip(batches, lrs, seeds, strict=True):
-            index = torch.from_numpy(batch)
-            weights = 1.0 / index.numel() + eps[index] * N_TRAIN / index.numel()
-
-            def loss(flat, index=index, weights=weights):
-                with frozen_running_stats(reference):
-                    outputs = functional_call(reference, layout.unflatten(flat), (x[index],))
-                return (weights * cross_entropy(outputs, y[index])).sum()
-
-            with step_randomness(int(seed)):
-                g = grad(loss)(w.detach() if detach_gradients else w)
-            v = 0.9 * v + g + 0.01 * w
-            w = w - float(lr) * v
-        return w
-
-    eps = torch.zeros(N_TRAIN, dtype=torch.float64)
-    return jacfwd(final_weights, randomness="same")(eps).T
-
-
 def test_hypergradients_equal_autograd_through_the_unrolled_training(coupled_run):
     path, (x, y), _, initial, h, h_exact, _ = coupled_run
-    approx = unrolled_final_weights(path, x, y, initial, True)
-    exact = unrolled_final_weights(path, x, y, initial, False)
+    args = (path, coupled_net(), x, y, initial, cross_entropy)
+    approx = unrolled_final_weights(*args, detach_gradients=True)
+    exact = unrolled_final_weights(*args, detach_gradients=False)
     assert exact.abs().max() > 1e-2
     assert (h - approx).abs().max() <= 1e-10 * approx.abs().max()
     assert (h_exact - exact).abs().max() <= 1e-10 * exact.abs().max()

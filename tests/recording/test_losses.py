@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from torch.func import functional_call, grad, jacfwd
 
 from hydra_store import RunInputs
 from hydra_store.analysis.comparison import run_comparison
@@ -18,7 +17,12 @@ from hydra_store.analysis.validation import run_validation
 from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
 from hydra_store.errors import AnalysisError, InvalidArgumentError
 from hydra_store.replay.trajectory import Trajectory
-from tests.conftest import record_regression_run, regression_data, regression_model
+from tests.conftest import (
+    record_regression_run,
+    regression_data,
+    regression_model,
+    unrolled_final_weights,
+)
 from tests.user_plugins import pseudo_huber
 
 
@@ -27,45 +31,19 @@ def squared_errors(outputs, targets):
     return ((outputs - targets) ** 2).mean(dim=1)
 
 
-def unrolled_final_weights(store, x, y, initial, sample_loss, detach_gradients):
-    """w_T as a function of the per-sample weights eps (P, N), replaying the stored batches and
-    learning rates in plain PyTorch: step t's loss is sum_j (1/B_t + eps_j N/B_t) l_j(w)."""
-    group = zarr.open_group(store, mode="r")
-    batches = [row[row >= 0] for row in np.asarray(group["batch_index"][:])]
-    lrs = np.asarray(group["lr"][:])
-    momentum, decay = float(group["momentum"][0]), float(group["weight_decay"][0])
-    model = regression_model()
-    layout = ParameterLayout.from_model(model)
-    n = x.shape[0]
-
-    def weighted_loss(flat, xb, yb, weights):
-        outputs = functional_call(model, layout.unflatten(flat), (xb,))
-        return (weights * sample_loss(outputs, yb)).sum()
-
-    def final_weights(eps):
-        w, v = initial, torch.zeros_like(initial)
-        for batch, lr in zip(batches, lrs, strict=True):
-            index = torch.from_numpy(batch)
-            b = index.numel()
-            weights = 1.0 / b + eps[index] * n / b
-            point = w.detach() if detach_gradients else w
-            g = grad(weighted_loss)(point, x[index], y[index], weights)
-            v = momentum * v + g + decay * w
-            w = w - float(lr) * v
-        return w
-
-    return jacfwd(final_weights)(torch.zeros(n, dtype=torch.float64))
-
-
 def test_an_mse_recording_equals_autograd_through_the_unrolled_training(tmp_path):
     store = tmp_path / "mse.zarr"
     (x, y), _, initial, h, h_exact = record_regression_run(store, loss="mse")
     attrs = zarr.open_group(store, mode="r").attrs
     assert attrs["loss"] == {"spec": "mse", "classification": False}
-    approx = unrolled_final_weights(store, x, y, initial, squared_errors, True).T
+    approx = unrolled_final_weights(
+        store, regression_model(), x, y, initial, squared_errors, detach_gradients=True
+    )
     assert approx.abs().max() > 1e-3
     assert (h - approx).abs().max() <= 1e-9 * approx.abs().max()
-    exact = unrolled_final_weights(store, x, y, initial, squared_errors, False).T
+    exact = unrolled_final_weights(
+        store, regression_model(), x, y, initial, squared_errors, detach_gradients=False
+    )
     assert (h_exact - exact).abs().max() <= 1e-9 * exact.abs().max()
     assert (h - exact).abs().max() > 1e-4 * exact.abs().max()  # the two do differ
 

@@ -104,6 +104,7 @@ def test_little_memory_records_in_partitions_instead_of_being_killed(tmp_path, m
         (["--memory-budget", "10KB"], "needs 18.8 KiB, more than the memory budget of 9.8 KiB"),
         (["--memory-budget", "1TiB"], "--memory-budget 1024.0 GiB is more than the"),
         (["--memory-budget", "plenty"], "--memory-budget: 'plenty' is not a size"),
+        (["--memory-budget", "1e400"], "--memory-budget: '1e400' is not a size"),
         (["--workers", "0"], "--workers: must be at least 1"),
         (["--project-dim", "64", "--mode", "both"], "--project-dim: projects the approximate"),
         (["--project-dim", "5000"], "--project-dim 5000 is not smaller than the 2410 parameters"),

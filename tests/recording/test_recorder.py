@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from torch.func import functional_call, grad, jacfwd
 
 from hydra_store.arguments import RecordConfig
 from hydra_store.core.gradients import per_sample_loss
@@ -18,52 +17,25 @@ from hydra_store.errors import InvalidArgumentError, ModelError, UnsupportedOpti
 from hydra_store.recording.recorder import HydraRecorder
 from hydra_store.recording.training import record_run
 from hydra_store.replay.trajectory import replay_training
-from tests.conftest import record_small_run, small_digits, tiny_config
-
-
-def unrolled_final_weights(model, layout, train, store, initial, detach_gradients):
-    """w_T as a function of the per-sample weights eps, replaying the stored batches and
-    learning rates in plain PyTorch: step t's loss is sum_j (1/B_t + eps_j N/B_t) l_j(w)."""
-    group = zarr.open_group(store, mode="r")
-    batches = [row[row >= 0] for row in np.asarray(group["batch_index"][:])]
-    lrs = np.asarray(group["lr"][:])
-    momentum = float(group["momentum"][0])
-    decay = float(group["weight_decay"][0])
-    n = len(train)
-
-    def weighted_loss(flat, x, y, weights):
-        logits = functional_call(model, layout.unflatten(flat), (x,))
-        return (weights * per_sample_loss(logits, y)).sum()
-
-    def final_weights(eps):
-        w, v = initial, torch.zeros_like(initial)
-        for batch, lr in zip(batches, lrs, strict=True):
-            index = torch.from_numpy(batch)
-            b = index.numel()
-            weights = 1.0 / b + eps[index] * n / b
-            point = w.detach() if detach_gradients else w
-            g = grad(weighted_loss)(
-                point, train.inputs[index].double(), train.targets[index], weights
-            )
-            v = momentum * v + g + decay * w
-            w = w - float(lr) * v
-        return w
-
-    return jacfwd(final_weights)(torch.zeros(n, dtype=torch.float64))  # (P, N)
+from tests.conftest import record_small_run, small_digits, tiny_config, unrolled_final_weights
 
 
 def test_hypergradient_equals_autograd_through_unrolled_training(tmp_path):
     store = tmp_path / "run.zarr"
     train, model, initial, h, h_exact = record_small_run(store)
-    layout = ParameterLayout.from_model(model)
     tracked = np.asarray(zarr.open_group(store)["sample"][:])
 
-    approx = unrolled_final_weights(model, layout, train, store, initial, True)[:, tracked].T
+    x = train.inputs.double()
+    approx = unrolled_final_weights(
+        store, model, x, train.targets, initial, per_sample_loss, detach_gradients=True
+    )[tracked]
     scale = approx.abs().max()
     assert scale > 1e-3
     assert (h - approx).abs().max() / scale < 1e-8
 
-    exact = unrolled_final_weights(model, layout, train, store, initial, False)[:, tracked].T
+    exact = unrolled_final_weights(
+        store, model, x, train.targets, initial, per_sample_loss, detach_gradients=False
+    )[tracked]
     assert (h_exact - exact).abs().max() / exact.abs().max() < 1e-8
     # How far the Hessian-free approximation is from the exact derivative on this run (the
     # approximation is not exact; the paper bounds the difference): cosine similarity per sample.
