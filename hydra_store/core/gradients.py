@@ -293,4 +293,3 @@ def _per_sample_loss_gradients(model, layout, inputs, targets, loss):
     x = inputs.to(param.device, param.dtype)
     y = targets.to(param.device)
     return vmap(grad(one), in_dims=(None, 0, 0))(point, x, y)
-
