@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import typer
 
-from hydra_store.arguments import AnalyzeConfig
+from hydra_store.arguments import AnalyzeConfig, InfluenceConfig, TrakConfig
+from hydra_store.errors import IndefiniteHessianWarning
 from hydra_store.execution import SCHEDULER_HELP
 from hydra_store_cli.common import (
     DATA_ROOT_OPTION,
@@ -22,6 +24,12 @@ from hydra_store_cli.common import (
 
 # Every option's default is the AnalyzeConfig's: the CLI repeats none of them.
 _ANALYZE = AnalyzeConfig()
+_INFLUENCE, _TRAK = InfluenceConfig(), TrakConfig()
+
+
+def _given(**options):
+    """The baselines' options that were given (None: the method's own default)."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def summary_lines(summary) -> list[str]:
@@ -102,10 +110,41 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option(
             "hydra",
             help="hydra: stored hypergradients; hydra-exact: reverse sweep through the "
-            "trajectory (the contribution methods of hydra_store.analysis.methods)",
+            "trajectory; baselines: influence (influence functions at the final weights), "
+            "tracin (TracIn over the checkpoints), trak (TRAK-style, projected gradients) "
+            "(the contribution methods of hydra_store.analysis.methods)",
         ),
         per_test: int | None = typer.Option(
             None, "--per-test", help="hydra-exact only: test samples given their own sweep"
+        ),
+        solver: str | None = typer.Option(
+            None,
+            "--solver",
+            help=f"influence only: explicit, cg or lissa [default: {_INFLUENCE.solver}]",
+        ),
+        damping: float | None = typer.Option(
+            None,
+            "--damping",
+            help="influence: added to the Hessian [default: 3 x its most negative eigenvalue]; "
+            f"trak: added to the Gram matrix / N [default: {_TRAK.damping}]",
+        ),
+        lissa_scale: float | None = typer.Option(
+            None, "--lissa-scale", help="influence lissa: scale [default: 1.5 x largest eigenvalue]"
+        ),
+        lissa_depth: int | None = typer.Option(
+            None,
+            "--lissa-depth",
+            help=f"influence lissa: recursion depth [default: {_INFLUENCE.lissa_depth}]",
+        ),
+        lissa_repeats: int | None = typer.Option(
+            None,
+            "--lissa-repeats",
+            help=f"influence lissa: recursions averaged [default: {_INFLUENCE.lissa_repeats}]",
+        ),
+        project_dim: int | None = typer.Option(
+            None,
+            "--project-dim",
+            help=f"trak only: projection width [default: {_TRAK.project_dim}]",
         ),
         no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
         out: str | None = RESULTS_OUT_OPTION,
@@ -134,9 +173,20 @@ def register(app: typer.Typer) -> None:
                         "batch_size": batch_size,
                         "figures": not no_figures,
                         "per_test": per_test,
+                        **_given(
+                            solver=solver,
+                            damping=damping,
+                            lissa_scale=lissa_scale,
+                            lissa_depth=lissa_depth,
+                            lissa_repeats=lissa_repeats,
+                            project_dim=project_dim,
+                        ),
                     }
                 )
-                summary = chosen.run(store, config, progress=bars, out=out)
+                with warnings.catch_warnings():
+                    # An indefinite Hessian is a line of the summary, not a Python warning.
+                    warnings.simplefilter("ignore", IndefiniteHessianWarning)
+                    summary = chosen.run(store, config, progress=bars, out=out)
             finally:
                 bars.close()
         lines = summary_lines(summary) if chosen.name == "hydra" else summary.lines()

@@ -1,6 +1,7 @@
 """The arguments of every stage, one frozen dataclass each: `RecordConfig` (record),
 `AnalyzeConfig` (analysis of the stored hypergradients), `ReverseConfig` (reverse mode),
-`CompareConfig` (compare) and `ValidateConfig` (validate).
+`CompareConfig` (compare), `ValidateConfig` (validate), and the baselines beside HyDRA:
+`InfluenceConfig`, `TracInConfig`, `TrakConfig`.
 
 Each is validated before anything is written (`validate()` raises InvalidArgumentError naming the
 option and what would be valid) and saved beside its outputs as a `config` attribute, so a result
@@ -285,6 +286,97 @@ class LdsConfig:
                 f"--lds-fraction must lie strictly between 0 and 1, got {self.fraction}"
             )
         _at_least(self, ("seed",), minimum=0)
+
+
+INFLUENCE_SOLVERS = ("explicit", "cg", "lissa")
+
+
+def _finite_at_least(option: str, value: float | None, minimum: float, strict: bool) -> None:
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        relation = ">" if strict else ">="
+        raise InvalidArgumentError(
+            f"--{option} must be a number {relation} {minimum:g}, got {value}"
+        )
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    """Arguments of one influence-function run at the final weights (`analyze --method
+    influence`, Koh & Liang); saved as the `config` attribute of `influence/<test set>`.
+
+    The Hessian is that of the mean training loss plus the last step's weight decay, plus
+    `damping` times I; None (the default): 3 x the magnitude of its most negative eigenvalue, 0
+    when it has none (docs/analysis.md, "Baselines", for how that was chosen).
+    `solver`: explicit (dense Hessian, eigen-decomposition), cg (conjugate gradients, stopping
+    at `cg_tolerance` relative residual or `cg_max_iterations`), or lissa (`lissa_repeats`
+    recursions of `lissa_depth` steps on minibatches of `lissa_batch_size` samples drawn with
+    `seed`, divided by `lissa_scale`; None: 1.5 x the largest eigenvalue, by power iteration).
+    `batch_size`: samples per Hessian-vector or gradient batch."""
+
+    test_set: str = "test"
+    solver: str = "explicit"
+    damping: float | None = None
+    cg_tolerance: float = 1e-6
+    cg_max_iterations: int = 1000
+    lissa_scale: float | None = None
+    lissa_depth: int = 1000
+    lissa_repeats: int = 4
+    lissa_batch_size: int = 128
+    seed: int = 0
+    batch_size: int = 1024
+
+    def validate(self) -> None:
+        if self.solver not in INFLUENCE_SOLVERS:
+            raise InvalidArgumentError(
+                f"--solver must be one of {', '.join(INFLUENCE_SOLVERS)}, got {self.solver!r}"
+            )
+        _finite_at_least("damping", self.damping, 0.0, strict=False)
+        _finite_at_least("lissa-scale", self.lissa_scale, 0.0, strict=True)
+        if not 0 < self.cg_tolerance < 1:
+            raise InvalidArgumentError(
+                f"--cg-tolerance must lie in (0, 1), got {self.cg_tolerance}"
+            )
+        _at_least(
+            self,
+            ("cg_max_iterations", "lissa_depth", "lissa_repeats", "lissa_batch_size", "batch_size"),
+        )
+        _at_least(self, ("seed",), minimum=0)
+
+
+@dataclass(frozen=True)
+class TracInConfig:
+    """Arguments of one TracIn run over the stored checkpoints (`analyze --method tracin`);
+    saved as the `config` attribute of `tracin/<test set>`. `batch_size`: samples per
+    gradient batch."""
+
+    test_set: str = "test"
+    batch_size: int = 1024
+
+    def validate(self) -> None:
+        _at_least(self, ("batch_size",))
+
+
+@dataclass(frozen=True)
+class TrakConfig:
+    """Arguments of one TRAK-style run at the final weights (`analyze --method trak`); saved
+    as the `config` attribute of `trak/<test set>`. `project_dim`: the width K of the tensor
+    sketch the per-sample gradients are projected to (None, or not below the parameter count:
+    no projection), drawn with `seed`; `damping` is added to the projected Gram matrix divided
+    by N."""
+
+    test_set: str = "test"
+    project_dim: int | None = 1024
+    damping: float = 0.01
+    seed: int = 0
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        _at_least(self, ("project_dim", "batch_size"))
+        _at_least(self, ("seed",), minimum=0)
+        _finite_at_least("damping", self.damping, 0.0, strict=True)
 
 
 C = TypeVar("C")

@@ -69,6 +69,13 @@ class Terminated(BaseException):
     no `except Exception` swallows it; the recorder marks its store failed on the way out."""
 
 
+class IndefiniteHessianWarning(UserWarning):
+    """The damped Hessian of an influence-function analysis has negative eigenvalues: at the
+    final weights the training loss is not locally convex, so ``H^{-1}`` is no longer the
+    response of a minimum to a perturbation and the scores can be meaningless. Raise the
+    damping (docs/analysis.md, "Baselines")."""
+
+
 def unwrap_interruption(error: BaseException) -> BaseException:
     """The `Terminated` or `KeyboardInterrupt` that TorchScript wrapped into a RuntimeError when
     the signal came in the middle of a scripted operation (BatchNorm's decompositions under

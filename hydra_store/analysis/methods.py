@@ -179,5 +179,20 @@ class MethodRegistry:
 
 
 def default_methods() -> MethodRegistry:
-    """A new registry of the built-in methods (the reverse-mode gold standard first)."""
-    return MethodRegistry((ReverseModeMethod(), StoredHypergradientMethod()))
+    """A new registry of the built-in methods: the reverse-mode gold standard first, then HyDRA
+    from the stored hypergradients, then the baselines beside HyDRA (influence functions,
+    TracIn, TRAK-style; docs/analysis.md, "Baselines"). The baselines' modules import this one,
+    so they are imported here, when a registry is built."""
+    from hydra_store.analysis.influence import InfluenceMethod
+    from hydra_store.analysis.tracin import TracInMethod
+    from hydra_store.analysis.trak import TrakMethod
+
+    return MethodRegistry(
+        (
+            ReverseModeMethod(),
+            StoredHypergradientMethod(),
+            InfluenceMethod(),
+            TracInMethod(),
+            TrakMethod(),
+        )
+    )

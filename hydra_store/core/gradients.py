@@ -293,3 +293,31 @@ def _per_sample_loss_gradients(model, layout, inputs, targets, loss):
     x = inputs.to(param.device, param.dtype)
     y = targets.to(param.device)
     return vmap(grad(one), in_dims=(None, 0, 0))(point, x, y)
+
+
+def per_sample_directional_derivatives(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    direction: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    loss: LossFunction = cross_entropy,
+) -> torch.Tensor:
+    """``g_i . v`` for every given sample (n,), g_i its loss gradient at the model's weights and
+    v = `direction` (P,): one forward-mode pass over the per-sample losses (a jvp) per batch,
+    without forming the (n, P) per-sample gradients."""
+    param = next(model.parameters())
+    point = get_flat_parameters(model, layout)
+    direction = direction.to(point.device, point.dtype)
+    out = []
+    n = int(targets.shape[0])
+    for start in range(0, n, batch_size):
+        x = inputs[start : start + batch_size].to(param.device, param.dtype)
+        y = targets[start : start + batch_size].to(param.device)
+        losses = per_sample_loss_function(model, layout, x, y, loss)
+        out.append(jvp(losses, (point,), (direction,))[1].detach())
+    if not out:
+        return torch.zeros(0, dtype=point.dtype, device=point.device)
+    return torch.cat(out)

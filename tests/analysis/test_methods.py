@@ -95,20 +95,23 @@ def test_a_new_method_is_scored_by_compare_and_validate(run_copy):
 
 def test_registry_refuses_clashes_and_names_its_methods():
     registry = default_methods()
-    assert registry.names() == ["hydra-exact", "hydra"]
+    assert registry.names() == ["hydra-exact", "hydra", "influence", "tracin", "trak"]
     with pytest.raises(InvalidArgumentError, match="exists"):
         registry.add(ReverseModeMethod())
     clash = ScaledExactMethod()
     clash.name, clash.group = "other", "reverse"
     with pytest.raises(InvalidArgumentError, match="another method's group"):
         registry.add(clash)
-    with pytest.raises(InvalidArgumentError, match="choose one of hydra-exact, hydra"):
-        registry["tracin"]
+    with pytest.raises(InvalidArgumentError, match="choose one of hydra-exact, hydra, influence"):
+        registry["datamodels"]
     assert [m.name for m in MethodRegistry((ScaledExactMethod(),))] == ["scaled"]
 
 
 def test_cli_unknown_method_is_one_error_line(digits_store):
-    result = CliRunner().invoke(app, ["analyze", str(digits_store), "--method", "tracin"])
+    result = CliRunner().invoke(app, ["analyze", str(digits_store), "--method", "datamodels"])
     assert result.exit_code == 2
-    assert "unknown method 'tracin'; choose one of hydra-exact, hydra" in result.output
+    assert (
+        "unknown method 'datamodels'; choose one of hydra-exact, hydra, influence, tracin, trak"
+        in result.output
+    )
     assert "Traceback" not in result.output

@@ -1,0 +1,62 @@
+"""The baselines beside HyDRA (influence functions, TracIn, TRAK-style) through the method
+registry: each writes only its own group, and `compare` and `validate` score all three with no
+code of theirs changed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from hydra_store.analysis.comparison import run_comparison
+from hydra_store.analysis.methods import default_methods
+from hydra_store.analysis.validation import run_validation
+from hydra_store.store.format import open_group
+
+
+@pytest.fixture()
+def run_copy(float64_run, tmp_path) -> Path:
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(float64_run.path, path)
+    return path
+
+
+def test_compare_and_validate_score_every_baseline(run_copy):
+    registry = default_methods()
+    assert registry.names() == ["hydra-exact", "hydra", "influence", "tracin", "trak"]
+    for name in ("influence", "tracin", "trak"):
+        method = registry[name]
+        method.run(run_copy, method.config_from_options({"test_set": "test", "top_k": 3}))
+    root = open_group(run_copy)
+    assert {"influence", "tracin", "trak"} <= set(root.group_keys())
+    totals = registry.totals(run_copy, "test")
+    labels = [
+        label for label in totals if label.split(" ")[0] in ("influence", "tracin", "trak-style")
+    ]
+    assert len(labels) == 3
+
+    comparison = run_comparison(run_copy, "test", over_checkpoints=False)
+    scores = {s.method: s for s in comparison.scores}
+    for label in labels:
+        assert scores[label].n_samples == 200
+        assert np.isfinite(scores[label].spearman) and 0 <= scores[label].sign_error <= 1
+
+    validation = run_validation(run_copy, "test", samples=4)
+    scored = {c.method for c in validation.correlations}
+    assert set(labels) <= scored
+    ds = xr.open_zarr(str(run_copy), group="reverse/test/validation")
+    for variable, label in zip(
+        ("predicted_influence", "predicted_tracin", "predicted_trak_style"), labels, strict=True
+    ):
+        _, values = totals[label]
+        np.testing.assert_array_equal(ds[variable].values, values[ds["validation_sample"].values])
+
+    # Each owns its group: running one again leaves the others' results as they were.
+    before = registry.totals(run_copy, "test")
+    registry["tracin"].run(run_copy, registry["tracin"].config_from_options({}))
+    after = registry.totals(run_copy, "test")
+    for label in labels:
+        np.testing.assert_array_equal(after[label][1], before[label][1])
