@@ -82,8 +82,12 @@ def resume(out: Path, *fragments: str) -> None:
 
 
 def assert_same_store(resumed: Path, whole: Path) -> None:
-    """Every array equal to the bit (NaN where NaN), every attribute but the times equal (and
-    the configuration's `out`, the store's own path)."""
+    """Every integer array equal, every float array equal to 1e-6 of its largest value (the
+    issue's bound on the CPU; NaN where NaN), every attribute but the times equal (and the
+    configuration's `out`, the store's own path). Resumed runs are bit-equal when the killed
+    process and the resuming one sum with the same number of threads; in a full test session
+    that is not always so (an in-process dask worker changes torch's thread count), and a
+    float32 sum split otherwise differs by an ulp."""
     a, b = zarr.open_group(resumed, mode="r"), zarr.open_group(whole, mode="r")
     assert a.attrs["status"] == "complete"
     assert sorted(n for n, _ in a.arrays()) == sorted(n for n, _ in b.arrays())
@@ -91,7 +95,11 @@ def assert_same_store(resumed: Path, whole: Path) -> None:
     for name, array in a.arrays():
         mine, theirs = array[...], b[name][...]
         assert mine.shape == theirs.shape, name
-        np.testing.assert_array_equal(mine, theirs, err_msg=name)
+        if np.issubdtype(theirs.dtype, np.floating) and theirs.size:
+            scale = float(np.nanmax(np.abs(theirs))) if np.isfinite(theirs).any() else 0.0
+            np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-6 * scale, err_msg=name)
+        else:
+            np.testing.assert_array_equal(mine, theirs, err_msg=name)
     attrs, expected = dict(a.attrs), dict(b.attrs)
     for key in WHEN:
         attrs.pop(key, None)
