@@ -18,6 +18,9 @@ Solvers (all three solve the same damped system ``A x = b``, ``A = H + delta I``
   h_{j-1} - A_batch h_{j-1} / scale``, ``x = h_depth / scale``, averaged over repeats. Its damping
   is the same ``delta`` as the others' (Koh & Liang's code writes ``(1 - d) h`` instead, which is
   a damping of ``d * scale``).
+
+`lanczos_extremes` estimates the extreme eigenvalues from Hessian-vector products (the automatic
+damping and LiSSA's scale when the dense Hessian is not formed).
 """
 
 from __future__ import annotations
