@@ -33,6 +33,7 @@ from hydra_store.errors import (
     ReplayMismatchError,
     StoreFormatError,
 )
+from hydra_store.rng import GLOBAL_RNG_LOCK
 from hydra_store.store.format import open_group
 
 
@@ -68,7 +69,11 @@ class RunInputs:
         if isinstance(self.model, torch.nn.Module):
             model = copy.deepcopy(self.model)
         elif callable(self.model):
-            model = self.model()
+            # Under the generator's lock, in a fork of it: a factory that seeds torch (as
+            # model code often does) must not move the dropout masks another thread is
+            # drawing under its step's seed, nor the caller's generator.
+            with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+                model = self.model()
         else:
             raise InvalidArgumentError(
                 "RunInputs.model must be a torch.nn.Module or a function that builds one, got "
