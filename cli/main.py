@@ -249,6 +249,14 @@ def record(
         f"  time {summary.seconds:.1f} s ({summary.samples_per_second:,.0f} training samples/s); "
         f"store size {human_bytes(summary.store_bytes)}"
     )
+    if config.mode == "both" and config.hypergradient_history:
+        from hydra_store_cli.history import history_lines
+
+        with user_errors():
+            lines = history_lines(str(summary.path))
+        typer.echo("approximation error over training (the paper's Figure 3):")
+        for line in lines:
+            typer.echo(f"  {line}")
 
 
 def _resume(store: str, scheduler: str | None, workers: int | None) -> None:
@@ -357,10 +365,11 @@ def verify(
 
 def _register_optional() -> None:
     """Commands contributed by the analysis modules."""
-    from hydra_store_cli import analyze, reverse
+    from hydra_store_cli import analyze, history, reverse
 
     analyze.register(app)
     reverse.register(app)
+    history.register(app)
 
 
 _register_optional()
