@@ -5,13 +5,21 @@ recording HyDRA's approximate hypergradients, for LeNet-5, DenseNet-40 and Mobil
 Each configuration trains `--steps` steps on synthetic data of the model's input shape (MNIST
 shape for LeNet-5, CIFAR shape for the others) after one warm-up step, plain (forward, backward,
 `optimizer.step()`) and through `HydraRecorder` (per-sample gradients, the lazy recurrence, the
-store); the medians per step are printed with their ratio, the training samples per second, and
-a CIFAR-10 epoch (50,000 samples) extrapolated from them. The training phase is timed; a
+store), one step of each in turn so that a shared machine's load moves both alike; the medians
+per step are printed with their ratio, the training samples per second, and
+a CIFAR-10 epoch (50,000 samples) extrapolated from them, and the paper's measure: the time of a
+step divided by the number of tracked samples and of parameters. The training phase is timed; a
 tracked state larger than the memory budget is recorded in partitions after training, which is
 not timed here (docs/scaling.md measures it).
 
     .venv/bin/python benchmarks/bench_paper_models.py --steps 5
     .venv/bin/python benchmarks/bench_paper_models.py --models lenet5 --tracked 400,2000,10000
+    .venv/bin/python benchmarks/bench_paper_models.py --device cuda --tracked 400,2000
+
+With `--device cuda` the models, the data and the tracked state are on the GPU (where the
+state's planned partitions fit: the plan is made against host memory, docs/scaling.md), and
+every timer starts and stops after `torch.cuda.synchronize()`, so that a step's queued kernels
+are counted in the step that queued them.
 """
 
 from __future__ import annotations
@@ -37,20 +45,28 @@ def per_step(seconds: list[float]) -> float:
     return statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
 
 
-def plain_steps(model: torch.nn.Module, x, y, batch: int, steps: int) -> list[float]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    times = []
-    for k in range(steps + 1):
-        index = torch.arange(k * batch, (k + 1) * batch) % x.shape[0]
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[index]), y[index]).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on a GPU (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def recorded_steps(model, x, y, tracked: int, batch: int, steps: int, store: Path):
+def plain_step(model: torch.nn.Module, optimizer, x, y) -> float:
+    synchronize(x.device)
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    synchronize(x.device)
+    return time.perf_counter() - start
+
+
+def interleaved_steps(name: str, shape, x, y, tracked: int, batch: int, steps: int, store: Path):
+    """Per-step seconds of plain training and of recording, one step of each in turn (so that
+    the machine's load moves both alike), and where the tracked state lives."""
+    plain_model = build_model(name, input_shape=shape, n_classes=10).to(x.device)
+    plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
+    model = build_model(name, input_shape=shape, n_classes=10).to(x.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     recorder = HydraRecorder(
         model,
@@ -63,19 +79,23 @@ def recorded_steps(model, x, y, tracked: int, batch: int, steps: int, store: Pat
         planned_checkpoints=2,
     )
     plan = recorder.plan
-    times = []
+    plain, recorded = [], []
     try:
         for k in range(steps + 1):
             index = torch.arange(k * batch, (k + 1) * batch) % x.shape[0]
+            on_device = index.to(x.device)
+            plain.append(plain_step(plain_model, plain_optimizer, x[on_device], y[on_device]))
+            synchronize(x.device)
             start = time.perf_counter()
-            recorder.step(x[index], y[index], index)
-            times.append(time.perf_counter() - start)
+            recorder.step(x[on_device], y[on_device], index)
+            synchronize(x.device)
+            recorded.append(time.perf_counter() - start)
     finally:
         recorder.fail("benchmark: the training phase only")
     where = (
         "memory" if plan is None or plan.n_partitions == 1 else f"{plan.n_partitions} partitions"
     )
-    return times, where
+    return plain, recorded, where
 
 
 def main() -> None:
@@ -84,33 +104,38 @@ def main() -> None:
     parser.add_argument("--tracked", default="400,2000,10000")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
     counts = [int(c) for c in args.tracked.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch on this machine")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     print(
         f"{'model':<12} {'params':>10} {'tracked':>8} {'state':>10} {'plain s/step':>13} "
-        f"{'record s/step':>14} {'ratio':>6} {'samples/s':>10} {'CIFAR epoch':>12}"
+        f"{'record s/step':>14} {'ratio':>6} {'samples/s':>10} {'CIFAR epoch plain/record':>25} "
+        f"{'ns/(tracked x param)':>21}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             data = load_dataset(f"synthetic:n={max(counts)},{SHAPES[name]},test=10", seed=0)
-            x, y = data.train.inputs, data.train.targets
+            x, y = data.train.inputs.to(device), data.train.targets.to(device)
             model = build_model(name, input_shape=data.input_shape, n_classes=10)
             params = sum(p.numel() for p in model.parameters())
-            plain = per_step(plain_steps(model, x, y, args.batch_size, args.steps))
             for tracked in counts:
-                model = build_model(name, input_shape=data.input_shape, n_classes=10)
                 store = Path(tmp) / f"{name}-{tracked}.zarr"
-                times, where = recorded_steps(
-                    model, x, y, tracked, args.batch_size, args.steps, store
+                plain_times, times, where = interleaved_steps(
+                    name, data.input_shape, x, y, tracked, args.batch_size, args.steps, store
                 )
-                record = per_step(times)
+                plain, record = per_step(plain_times), per_step(times)
                 state = tracked * params * 4 * 2 / 2**30
                 epoch = CIFAR_EPOCH / args.batch_size * record
                 print(
                     f"{name:<12} {params:>10,} {tracked:>8,} {state:>7.2f} GiB {plain:>13.3f} "
                     f"{record:>14.3f} {record / plain:>6.2f} {args.batch_size / record:>10.1f} "
-                    f"{epoch / 60:>9.1f} min  ({where})"
+                    f"{CIFAR_EPOCH / args.batch_size * plain / 60:>9.1f} / {epoch / 60:>7.1f} min "
+                    f"{1e9 * record / (tracked * params):>21.4f}  ({where})"
                 )
 
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import typer
 
-from hydra_store.arguments import AnalyzeConfig, InfluenceConfig, TrakConfig
-from hydra_store.errors import IndefiniteHessianWarning
+from hydra_store.arguments import (
+    CLUSTER_FEATURES,
+    AnalyzeConfig,
+    ClusteringConfig,
+    InfluenceConfig,
+    TrakConfig,
+    validate_device,
+)
+from hydra_store.errors import IndefiniteHessianWarning, InvalidArgumentError
 from hydra_store.execution import SCHEDULER_HELP
 from hydra_store_cli.common import (
     DATA_ROOT_OPTION,
@@ -25,11 +33,26 @@ from hydra_store_cli.common import (
 # Every option's default is the AnalyzeConfig's: the CLI repeats none of them.
 _ANALYZE = AnalyzeConfig()
 _INFLUENCE, _TRAK = InfluenceConfig(), TrakConfig()
+_CLUSTERING = ClusteringConfig()
+CLUSTER_FEATURES_HELP = (
+    "features the training classes are clustered on to find mislabelled samples: "
+    f"{', '.join(CLUSTER_FEATURES)} (paper-signs: the paper's Table 4; docs/analysis.md)"
+)
 
 
 def _given(**options):
     """The baselines' options that were given (None: the method's own default)."""
     return {name: value for name, value in options.items() if value is not None}
+
+
+def _check_device(method, device: str | None) -> None:
+    """A device other than the CPU only for a method whose arguments have a `device`."""
+    if device in (None, "cpu") or "device" in {f.name for f in fields(method.config_type)}:
+        return
+    validate_device(device)  # a name that is no device says so first
+    raise InvalidArgumentError(
+        f"--device {device}: method {method.name!r} runs on the CPU only; leave --device out"
+    )
 
 
 def summary_lines(summary) -> list[str]:
@@ -59,14 +82,22 @@ def summary_lines(summary) -> list[str]:
         f"inter-class: {summary.interclass_diagonal_share:.0%} of training classes help their "
         "own test class most"
     )
-    lines.append(f"sign clustering: {summary.n_suspects} of {summary.n_samples} samples suspect")
+    lines.append(
+        f"clustering on {summary.cluster_features}: {summary.n_suspects} of "
+        f"{summary.n_samples} samples suspect"
+    )
     if summary.noise is not None:
         n = summary.noise
         lines.append(
-            f"injected label noise ({n.noise_rate:.0%}): Jaccard {n.jaccard:.3f} "
-            f"(mislabelled {n.jaccard_noisy:.3f}, correct {n.jaccard_clean:.3f}), "
-            f"AUC {n.auc:.3f}, precision at the noise rate {n.precision_at_rate:.3f}"
+            f"injected label noise ({n.noise_rate:.0%}): AUC {n.auc:.3f}, precision at the "
+            f"noise rate {n.precision_at_rate:.3f}"
         )
+        for scores in (summary.noise, summary.noise_paper):
+            if scores is not None:
+                lines.append(
+                    f"  clustering on {scores.features}: Jaccard correct labels "
+                    f"{scores.jaccard_clean:.3f}, random labels {scores.jaccard_noisy:.3f}"
+                )
     for figure in summary.figures:
         lines.append(f"figure: {figure}")
     return lines
@@ -85,7 +116,10 @@ def register(app: typer.Typer) -> None:
             "input shape",
         ),
         checkpoint: int = typer.Option(
-            _ANALYZE.checkpoint, help="checkpoint whose weights give the test gradients"
+            _ANALYZE.checkpoint,
+            help="checkpoint whose weights give the test gradients (negative: from the end); "
+            "hydra-exact: the trajectory is cut there; influence, trak: computed at its "
+            "weights; tracin: summed over checkpoints 1..it",
         ),
         top_k: int = typer.Option(
             _ANALYZE.top_k, "--top-k", help="influencers kept per test sample"
@@ -93,7 +127,12 @@ def register(app: typer.Typer) -> None:
         clusters_k: int = typer.Option(
             _ANALYZE.clusters_k,
             "--clusters-k",
-            help="test samples drawn for sign clustering (all if fewer)",
+            help="test samples drawn for clustering on per-test features (all if fewer)",
+        ),
+        cluster_features: str = typer.Option(
+            _ANALYZE.cluster_features,
+            "--cluster-features",
+            help=CLUSTER_FEATURES_HELP,
         ),
         seed: int = typer.Option(
             _ANALYZE.seed, help="seed of the test samples drawn for clustering"
@@ -115,7 +154,10 @@ def register(app: typer.Typer) -> None:
             "(the contribution methods of hydra_store.analysis.methods)",
         ),
         per_test: int | None = typer.Option(
-            None, "--per-test", help="hydra-exact only: test samples given their own sweep"
+            None,
+            "--per-test",
+            help="hydra-exact, influence, tracin, trak: C(i, j) for the first K test samples "
+            "too (hydra-exact: a sweep each)",
         ),
         solver: str | None = typer.Option(
             None,
@@ -147,13 +189,19 @@ def register(app: typer.Typer) -> None:
             help=f"trak only: projection width [default: {_TRAK.project_dim}]",
         ),
         no_figures: bool = typer.Option(False, "--no-figures", help="skip the PNG figures"),
+        device: str | None = typer.Option(
+            None,
+            "--device",
+            help="cpu or cuda: where the model's work runs (hydra: the test gradients; "
+            "hydra-exact: the reverse sweep) [default: cpu]",
+        ),
         out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,
         model: str | None = MODEL_OPTION,
         data_root: str | None = DATA_ROOT_OPTION,
         data_seed: int = DATA_SEED_OPTION,
     ) -> None:
-        """Contributions, inter-class matrix, top influencers and sign clustering of a store."""
+        """Contributions, inter-class matrix, top influencers and clustering of a store."""
         from hydra_store.analysis.methods import default_methods
 
         bars = StageBars()
@@ -161,18 +209,21 @@ def register(app: typer.Typer) -> None:
             name_store(store, dataset, model, data_root, data_seed)
             try:
                 chosen = default_methods()[method]
+                _check_device(chosen, device)
                 config = chosen.config_from_options(
                     {
                         "test_set": test_set,
                         "checkpoint": checkpoint,
                         "top_k": top_k,
                         "clusters_k": clusters_k,
+                        "cluster_features": cluster_features,
                         "seed": seed,
                         "scheduler": scheduler,
                         "memory_limit": memory_limit,
                         "batch_size": batch_size,
                         "figures": not no_figures,
                         "per_test": per_test,
+                        "device": device,
                         **_given(
                             solver=solver,
                             damping=damping,
@@ -203,10 +254,51 @@ def register(app: typer.Typer) -> None:
             "--results",
             help="the results store the analysis was written to (--out of analyze)",
         ),
+        all_methods: bool = typer.Option(
+            False,
+            "--all-methods",
+            help="instead of the CSV: the paper's Table 4 for every method with per-test "
+            "contributions (Jaccard indices and AUC against the injected label noise), written "
+            "to clustering/<test set>",
+        ),
+        cluster_features: str | None = typer.Option(
+            None,
+            "--cluster-features",
+            help=f"with --all-methods: {CLUSTER_FEATURES_HELP} [default: "
+            f"{_CLUSTERING.features}; the paper's signs are always scored too]",
+        ),
+        clusters_k: int | None = typer.Option(
+            None,
+            "--clusters-k",
+            help="with --all-methods: test samples drawn for per-test features [default: "
+            f"{_CLUSTERING.clusters_k}, all if fewer]",
+        ),
+        seed: int | None = typer.Option(
+            None,
+            help=f"with --all-methods: seed of the draw and k-means [default: {_CLUSTERING.seed}]",
+        ),
     ) -> None:
         """Training samples ranked from most harmful, as CSV (index, label, total contribution,
-        suspect flag)."""
+        suspect flag); with --all-methods, the clustering table of every method."""
         with user_errors():
+            clustering = _given(features=cluster_features, clusters_k=clusters_k, seed=seed)
+            if all_methods:
+                if out is not None:
+                    raise InvalidArgumentError(
+                        "--out writes the CSV of one analysis; leave it out with --all-methods "
+                        "(the table is written to clustering/<test set>)"
+                    )
+                from hydra_store.analysis.noise_table import run_noise_table
+
+                config = ClusteringConfig(test_set=test_set, **clustering)
+                for line in run_noise_table(store, config, results=results).lines():
+                    typer.echo(line)
+                return
+            if clustering:
+                raise InvalidArgumentError(
+                    "--cluster-features, --clusters-k and --seed go with --all-methods; the CSV "
+                    "shows the clustering `analyze` made (give them to `analyze`)"
+                )
             from hydra_store.analysis.stored import suspects as run_suspects
 
             table = run_suspects(store, test_set, results)
@@ -220,6 +312,14 @@ def register(app: typer.Typer) -> None:
             n = table.noise
             typer.echo(
                 f"injected label noise ({n['noise_rate']:.0%}): precision at the noise rate "
-                f"{n['precision_at_noise_rate']:.3f}, AUC {n['auc']:.3f}, Jaccard {n['jaccard']:.3f}",
+                f"{n['precision_at_noise_rate']:.3f}, AUC {n['auc']:.3f}",
                 err=True,
             )
+            for scores in (table.noise, table.noise_paper):
+                if scores:
+                    typer.echo(
+                        f"  clustering on {scores.get('features', 'paper-signs')}: Jaccard "
+                        f"correct labels {scores['jaccard_clean']:.3f}, random labels "
+                        f"{scores['jaccard_noisy']:.3f}",
+                        err=True,
+                    )

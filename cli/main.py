@@ -250,13 +250,19 @@ def record(
         f"store size {human_bytes(summary.store_bytes)}"
     )
     if config.mode == "both" and config.hypergradient_history:
-        from hydra_store_cli.history import history_lines
+        _figure_3(str(summary.path))
 
-        with user_errors():
-            lines = history_lines(str(summary.path))
-        typer.echo("approximation error over training (the paper's Figure 3):")
-        for line in lines:
-            typer.echo(f"  {line}")
+
+def _figure_3(store: str) -> None:
+    """The paper's Figure 3, computed when a `--mode both --hypergradient-history` recording
+    ends (and when one is resumed to its end, so that both give the same store)."""
+    from hydra_store_cli.history import history_lines
+
+    with user_errors():
+        lines = history_lines(store)
+    typer.echo("approximation error over training (the paper's Figure 3):")
+    for line in lines:
+        typer.echo(f"  {line}")
 
 
 def _resume(store: str, scheduler: str | None, workers: int | None) -> None:
@@ -305,6 +311,11 @@ def _resume(store: str, scheduler: str | None, workers: int | None) -> None:
         f"{last.test_loss:.4f}, test accuracy {100 * last.test_accuracy:.2f}%"
     )
     typer.echo(f"  time {summary.seconds:.1f} s; store size {human_bytes(summary.store_bytes)}")
+    from hydra_store.store.format import open_group
+
+    recorded = dict(open_group(store_path(store)).attrs.get("config") or {})
+    if recorded.get("mode") == "both" and recorded.get("hypergradient_history"):
+        _figure_3(store)
 
 
 def raise_usage(message: str) -> None:
@@ -365,11 +376,12 @@ def verify(
 
 def _register_optional() -> None:
     """Commands contributed by the analysis modules."""
-    from hydra_store_cli import analyze, history, reverse
+    from hydra_store_cli import analyze, clean, history, reverse
 
     analyze.register(app)
     reverse.register(app)
     history.register(app)
+    clean.register(app)
 
 
 _register_optional()

@@ -24,6 +24,22 @@ _VALIDATE = ValidateConfig()
 _LDS = LdsConfig()
 
 
+def _method_names(text: str | None) -> tuple[str, ...] | None:
+    """`--checkpoint-methods` as names: None (all), () for 'none', else the comma-separated
+    names."""
+    if text is None:
+        return None
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if names == ("none",):
+        return ()
+    if not names:
+        raise InvalidArgumentError(
+            "--checkpoint-methods: name methods separated by commas (e.g. influence,tracin), "
+            "or 'none'"
+        )
+    return names
+
+
 def register(app: typer.Typer) -> None:
     """Add the `compare` and `validate` commands to the hydra-store app."""
 
@@ -42,6 +58,14 @@ def register(app: typer.Typer) -> None:
         png: str | None = typer.Option(
             None, "--png", help="plot path or URL (default beside store)"
         ),
+        checkpoint_methods: str | None = typer.Option(
+            _COMPARE.checkpoint_methods,
+            "--checkpoint-methods",
+            help="methods scored over checkpoints beside HyDRA's approximation, comma-"
+            "separated (influence, tracin, trak), each with the options it last ran with on "
+            "this store, else its defaults (influence: cg); 'none': HyDRA only "
+            "[default: all of them]",
+        ),
         out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,
         model: str | None = MODEL_OPTION,
@@ -49,7 +73,9 @@ def register(app: typer.Typer) -> None:
         data_seed: int = DATA_SEED_OPTION,
     ) -> None:
         """Score the approximate HyDRA contribution (and every stored method) against the exact
-        contribution of all training samples: sign error rate and Spearman correlation."""
+        contribution of all training samples: sign error rate and Spearman correlation; over
+        checkpoints also influence functions, TracIn and TRAK-style (the paper's Figures 4
+        and 5)."""
         from hydra_store.analysis.comparison import run_comparison
 
         bars = StageBars()
@@ -61,6 +87,7 @@ def register(app: typer.Typer) -> None:
                     over_checkpoints=checkpoints,
                     every=every,
                     png=None if png is None else str(png),
+                    checkpoint_methods=_method_names(checkpoint_methods),
                 )
                 summary = run_comparison(store, config, progress=bars, out=out)
             finally:
@@ -104,6 +131,12 @@ def register(app: typer.Typer) -> None:
             "--scheduler",
             help="threads, local-cluster, or a scheduler address",
         ),
+        device: str | None = typer.Option(
+            _VALIDATE.device,
+            "--device",
+            help="cpu or cuda: where the retrainings (and a reverse sweep not stored yet) run "
+            "[default: cpu]",
+        ),
         out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,
         model: str | None = MODEL_OPTION,
@@ -126,6 +159,7 @@ def register(app: typer.Typer) -> None:
                     fraction=_LDS.fraction if lds_fraction is None else lds_fraction,
                     seed=seed,
                     scheduler=scheduler,
+                    device=device,
                 )
                 lds_config.validate()  # before a store is named or anything is read
             elif lds_subsets is not None or lds_fraction is not None:
@@ -141,6 +175,7 @@ def register(app: typer.Typer) -> None:
                         selection=selection,
                         seed=seed,
                         scheduler=scheduler,
+                        device=device,
                     )
                     summary = run_validation(store, config, progress=bars, out=out)
             finally:

@@ -9,9 +9,11 @@ worker does not load torch):
 - read: `open_dataset` (a store as a lazy xarray Dataset), `model_at_checkpoint`,
   `load_run_data`, `replay_training`, `Trajectory`;
 - analyse: `contributions`, `total_contributions`, `interclass`, `top_influencers`,
-  `sign_clusters`, `analyze`, `suspects`, `open_analysis` (hydra_store.analysis),
+  `cluster_samples`, `sign_clusters`, `analyze`, `suspects`, `open_analysis`
+  (hydra_store.analysis), `run_noise_table` (the paper's Table 4 for every method),
   `run_exact_analysis` (reverse mode), `run_comparison`, `run_validation`, `run_lds` (the
-  linear datamodeling score); each analyser that needs the model takes
+  linear datamodeling score), `run_cleaning` (the paper's Table 3: retraining without the
+  samples each method ranks least useful); each analyser that needs the model takes
   `inputs=RunInputs(model=..., train=..., test=..., loss=...)` for a store that does not name
   its data set and model (a user's own loop);
 - losses: `PerSampleLoss`, `resolve_loss` (`cross-entropy`, `mse`, or a user's function).
@@ -43,6 +45,7 @@ _EXPORTS = {
     "interclass": "hydra_store.analysis",
     "top_influencers": "hydra_store.analysis",
     "sign_clusters": "hydra_store.analysis",
+    "cluster_samples": "hydra_store.analysis",
     "analyze": "hydra_store.analysis",
     "suspects": "hydra_store.analysis",
     "open_analysis": "hydra_store.analysis",
@@ -50,6 +53,8 @@ _EXPORTS = {
     "run_comparison": "hydra_store.analysis.comparison",
     "run_validation": "hydra_store.analysis.validation",
     "run_lds": "hydra_store.analysis.lds",
+    "run_cleaning": "hydra_store.analysis.cleaning",
+    "run_noise_table": "hydra_store.analysis.noise_table",
     "RunInputs": "hydra_store.replay.recorded_run",
     "PerSampleLoss": "hydra_store.core.losses",
     "resolve_loss": "hydra_store.core.losses",

@@ -1,7 +1,8 @@
 """The arguments of every stage, one frozen dataclass each: `RecordConfig` (record),
 `AnalyzeConfig` (analysis of the stored hypergradients), `ReverseConfig` (reverse mode),
-`CompareConfig` (compare), `ValidateConfig` (validate), and the baselines beside HyDRA:
-`InfluenceConfig`, `TracInConfig`, `TrakConfig`.
+`CompareConfig` (compare), `ValidateConfig` (validate), the baselines beside HyDRA:
+`InfluenceConfig`, `TracInConfig`, `TrakConfig`, `CleanConfig` (clean: the paper's Table 3), and
+`ClusteringConfig` (the per-method clustering table: the paper's Table 4).
 
 Each is validated before anything is written (`validate()` raises InvalidArgumentError naming the
 option and what would be valid) and saved beside its outputs as a `config` attribute, so a result
@@ -24,6 +25,9 @@ DEVICES = ("cpu", "cuda")
 # the trajectory (for reverse mode).
 MODES = ("approximate", "exact", "both", "trajectory")
 SELECTIONS = ("random", "influential", "mixed")
+# Features for finding mislabelled samples by clustering (analysis/clustering.py); the first is
+# the default (docs/analysis.md, "Finding mislabelled samples"), "paper-signs" the paper's.
+CLUSTER_FEATURES = ("total", "paper-signs", "median-signs", "class-means")
 
 
 SCHEDULES = ("constant", "step", "exponential", "plateau", "cosine")
@@ -181,6 +185,22 @@ class RecordConfig:
         return cls(**{k: v for k, v in attrs.items() if k in names})
 
 
+def validate_device(device: str | None) -> None:
+    """An analyser's `device`: None (the CPU), or one of DEVICES; "cuda" only where torch sees
+    a GPU (RecordConfig's wording). torch is imported only when a GPU is asked for."""
+    if device is None:
+        return
+    if device not in DEVICES:
+        raise InvalidArgumentError(f"--device: must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                "--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu"
+            )
+
+
 def _at_least(config: object, names: tuple[str, ...], minimum: int = 1) -> None:
     for name in names:
         value = getattr(config, name)
@@ -205,9 +225,36 @@ class AnalyzeConfig:
     batch_size: int = 256
     figures: bool = True
     grid_tests: int = 4  # test samples shown in the influencer grid
+    device: str | None = None  # where the test gradients are taken; None: the CPU
+    cluster_features: str = CLUSTER_FEATURES[0]  # what `suspect` is clustered on
 
     def validate(self) -> None:
         _at_least(self, ("top_k", "clusters_k", "batch_size", "grid_tests", "n_workers"))
+        validate_device(self.device)
+        _check_cluster_features(self.cluster_features)
+
+
+def _check_cluster_features(features: str) -> None:
+    if features not in CLUSTER_FEATURES:
+        raise InvalidArgumentError(
+            f"--cluster-features must be one of {', '.join(CLUSTER_FEATURES)}, got {features!r}"
+        )
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Arguments of one per-method clustering table (`suspects --all-methods`, the paper's
+    Table 4 for every method with per-test contributions); saved as the `config` attribute of
+    `clustering/<test set>`. Both `features` and the paper's signs are scored."""
+
+    test_set: str = "test"
+    features: str = CLUSTER_FEATURES[0]
+    clusters_k: int = 1000
+    seed: int = 0
+
+    def validate(self) -> None:
+        _at_least(self, ("clusters_k",))
+        _check_cluster_features(self.features)
 
 
 @dataclass(frozen=True)
@@ -217,45 +264,59 @@ class ReverseConfig:
 
     `per_test`: None, a count (the first K test samples) or a tuple of test indices given their
     own sweep. `checkpoint`: None for the last, else the checkpoint the trajectory is truncated at.
+    `device`: where the sweep runs, "cpu" or "cuda"; None: the CPU.
     """
 
     test_set: str = "test"
     per_test: int | tuple[int, ...] | None = None
     checkpoint: int | None = None
     scheduler: str = "threads"
+    device: str | None = None
 
     def validate(self) -> None:
         if isinstance(self.per_test, int) and self.per_test < 1:
             raise InvalidArgumentError(f"--per-test must be at least 1, got {self.per_test}")
+        validate_device(self.device)
 
 
 @dataclass(frozen=True)
 class CompareConfig:
     """Arguments of one `compare` run; saved as the `config` attribute of
-    `reverse/<test set>/comparison`."""
+    `reverse/<test set>/comparison`. `checkpoint_methods`: the methods scored over
+    checkpoints beside HyDRA's approximation (names of methods that give C(i) at any
+    checkpoint: influence, tracin, trak); None: every such method, () none."""
 
     test_set: str = "test"
     over_checkpoints: bool = True
     every: int = 1
     png: str | None = None
+    checkpoint_methods: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         _at_least(self, ("every",))
+        names = self.checkpoint_methods
+        if names is not None and (
+            not isinstance(names, tuple) or not all(isinstance(m, str) and m for m in names)
+        ):
+            raise InvalidArgumentError(f"--checkpoint-methods must name methods, got {names!r}")
 
 
 @dataclass(frozen=True)
 class ValidateConfig:
     """Arguments of one `validate` run (leave-one-out retraining); saved as the `config`
-    attribute of `reverse/<test set>/validation`."""
+    attribute of `reverse/<test set>/validation`. `device`: where the retrainings (and the
+    reverse sweep, when its results are not stored yet) run; None: the CPU."""
 
     test_set: str = "test"
     samples: int = 50
     selection: str = "random"
     seed: int = 0
     scheduler: str = "threads"
+    device: str | None = None
 
     def validate(self) -> None:
         _at_least(self, ("samples",))
+        validate_device(self.device)
         if self.selection not in SELECTIONS:
             raise InvalidArgumentError(
                 f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
@@ -267,13 +328,15 @@ class LdsConfig:
     """Arguments of one linear-datamodeling-score run (`validate --lds`); saved as the `config`
     attribute of `reverse/<test set>/lds`. `subsets` random subsets of round(`fraction` x N)
     training samples each, drawn with `seed`, are retrained on through the stored trajectory
-    (docs/analysis.md, "Linear datamodeling score (LDS)")."""
+    (docs/analysis.md, "Linear datamodeling score (LDS)"). `device`: where the retrainings run;
+    None: the CPU."""
 
     test_set: str = "test"
     subsets: int = 32
     fraction: float = 0.5
     seed: int = 0
     scheduler: str = "threads"
+    device: str | None = None
 
     def validate(self) -> None:
         if not 3 <= self.subsets <= 10_000:
@@ -286,9 +349,28 @@ class LdsConfig:
                 f"--lds-fraction must lie strictly between 0 and 1, got {self.fraction}"
             )
         _at_least(self, ("seed",), minimum=0)
+        validate_device(self.device)
 
 
 INFLUENCE_SOLVERS = ("explicit", "cg", "lissa")
+
+
+def _validate_baseline(config: Any) -> None:
+    """What the baselines' arguments share with ReverseConfig: `checkpoint`, None for the last
+    (negative counts from the end), else the stored checkpoint whose weights the method works at
+    (TracIn: the last checkpoint of its sum); `per_test`, None, a count (the first K test
+    samples) or a tuple of test indices given their own C(i, j). Both are checked against the
+    store when it is read; here only their types and a count below 1."""
+    per_test = config.per_test
+    if isinstance(per_test, bool) or not (per_test is None or isinstance(per_test, (int, tuple))):
+        raise InvalidArgumentError(
+            f"--per-test must be a count or a tuple of test indices, got {per_test!r}"
+        )
+    if isinstance(per_test, int) and per_test < 1:
+        raise InvalidArgumentError(f"--per-test must be at least 1, got {per_test}")
+    checkpoint = config.checkpoint
+    if checkpoint is not None and (isinstance(checkpoint, bool) or not isinstance(checkpoint, int)):
+        raise InvalidArgumentError(f"--checkpoint must be an integer, got {checkpoint!r}")
 
 
 def _finite_at_least(option: str, value: float | None, minimum: float, strict: bool) -> None:
@@ -314,9 +396,12 @@ class InfluenceConfig:
     at `cg_tolerance` relative residual or `cg_max_iterations`), or lissa (`lissa_repeats`
     recursions of `lissa_depth` steps on minibatches of `lissa_batch_size` samples drawn with
     `seed`, divided by `lissa_scale`; None: 1.5 x the largest eigenvalue, by power iteration).
-    `batch_size`: samples per Hessian-vector or gradient batch."""
+    `batch_size`: samples per Hessian-vector or gradient batch. `checkpoint` and `per_test`:
+    as in ReverseConfig (`_validate_baseline`)."""
 
     test_set: str = "test"
+    checkpoint: int | None = None
+    per_test: int | tuple[int, ...] | None = None
     solver: str = "explicit"
     damping: float | None = None
     cg_tolerance: float = 1e-6
@@ -329,6 +414,7 @@ class InfluenceConfig:
     batch_size: int = 1024
 
     def validate(self) -> None:
+        _validate_baseline(self)
         if self.solver not in INFLUENCE_SOLVERS:
             raise InvalidArgumentError(
                 f"--solver must be one of {', '.join(INFLUENCE_SOLVERS)}, got {self.solver!r}"
@@ -350,12 +436,16 @@ class InfluenceConfig:
 class TracInConfig:
     """Arguments of one TracIn run over the stored checkpoints (`analyze --method tracin`);
     saved as the `config` attribute of `tracin/<test set>`. `batch_size`: samples per
-    gradient batch."""
+    gradient batch. `checkpoint`: the sum runs over checkpoints 1..checkpoint; `per_test`: as in
+    ReverseConfig (`_validate_baseline`)."""
 
     test_set: str = "test"
+    checkpoint: int | None = None
+    per_test: int | tuple[int, ...] | None = None
     batch_size: int = 1024
 
     def validate(self) -> None:
+        _validate_baseline(self)
         _at_least(self, ("batch_size",))
 
 
@@ -365,18 +455,74 @@ class TrakConfig:
     as the `config` attribute of `trak/<test set>`. `project_dim`: the width K of the tensor
     sketch the per-sample gradients are projected to (None, or not below the parameter count:
     no projection), drawn with `seed`; `damping` is added to the projected Gram matrix divided
-    by N."""
+    by N. `checkpoint` and `per_test`: as in ReverseConfig (`_validate_baseline`)."""
 
     test_set: str = "test"
+    checkpoint: int | None = None
+    per_test: int | tuple[int, ...] | None = None
     project_dim: int | None = 1024
     damping: float = 0.01
     seed: int = 0
     batch_size: int = 256
 
     def validate(self) -> None:
+        _validate_baseline(self)
         _at_least(self, ("project_dim", "batch_size"))
         _at_least(self, ("seed",), minimum=0)
         _finite_at_least("damping", self.damping, 0.0, strict=True)
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    """Arguments of one `clean` run (the paper's Table 3): rank the training samples by each
+    method's C(i) on `test_set`, drop the round(`rate` x N) with the lowest C(i), retrain from
+    scratch on the rest with the store's recipe, once per seed 0..`seeds`-1, and report the
+    final accuracy on `evaluate_on`; saved as the `config` attribute of
+    `cleaning/<test set>`.
+
+    `test_set`: the set whose contributions rank the samples; None: `validation` when the store
+    has a validation split, else `test` (ranking and scoring on one set leaks its labels into
+    the choice; the summary says so). The saved config names the set used.
+    `rate`: None: the store's injected label-noise rate. `rankings`: method names
+    (`hydra-exact`, `hydra`, `influence`, `tracin`, `trak`, or `none`, `random`, `oracle`);
+    None: every stored ranking plus the three references. `seed`: draws the random drop.
+    `device`: None: the store's. `png`: the bar chart's path; None: beside the results store."""
+
+    test_set: str | None = None
+    evaluate_on: str = "test"
+    rate: float | None = None
+    seeds: int = 5
+    rankings: tuple[str, ...] | None = None
+    seed: int = 0
+    scheduler: str = "threads"
+    workers: int | None = None
+    device: str | None = None
+    png: str | None = None
+
+    def validate(self) -> None:
+        if self.rate is not None and not (math.isfinite(self.rate) and 0 <= self.rate < 1):
+            raise InvalidArgumentError(
+                f"--rate must be a fraction in [0, 1) of the training set to drop, got {self.rate}"
+            )
+        if not 1 <= self.seeds <= 1000:
+            raise InvalidArgumentError(
+                f"--seeds must be between 1 and 1000 (retrainings per method), got {self.seeds}"
+            )
+        _at_least(self, ("seed",), minimum=0)
+        _at_least(self, ("workers",))
+        if self.device is not None and self.device not in DEVICES:
+            raise InvalidArgumentError(
+                f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"
+            )
+        for name, value in (("test-set", self.test_set), ("evaluate-on", self.evaluate_on)):
+            if value is not None and not str(value).strip():
+                raise InvalidArgumentError(f"--{name} must name a test set, got an empty string")
+        if self.rankings is not None:
+            if not self.rankings:
+                raise InvalidArgumentError("--method: name at least one ranking")
+            repeated = sorted({r for r in self.rankings if self.rankings.count(r) > 1})
+            if repeated:
+                raise InvalidArgumentError(f"--method {repeated[0]} is given twice")
 
 
 C = TypeVar("C")

@@ -11,6 +11,7 @@ import typer
 from hydra_store.arguments import (
     AnalyzeConfig,
     CompareConfig,
+    LdsConfig,
     RecordConfig,
     ReverseConfig,
     ValidateConfig,
@@ -70,3 +71,26 @@ def test_resolve_config_takes_a_dataclass_or_keywords():
     assert resolve_config(CompareConfig, config, {}) is config
     with pytest.raises(InvalidArgumentError, match="not both"):
         resolve_config(CompareConfig, config, {"every": 3})
+
+
+@pytest.mark.parametrize("kind", [AnalyzeConfig, ReverseConfig, ValidateConfig, LdsConfig])
+def test_the_analysers_device_is_checked(kind, monkeypatch):
+    """None (the CPU), "cpu" or "cuda"; "cuda" only where torch sees a GPU, in RecordConfig's
+    words."""
+    import torch
+
+    kind().validate()
+    kind(device="cpu").validate()
+    with pytest.raises(InvalidArgumentError) as error:
+        kind(device="tpu").validate()
+    assert str(error.value) == "--device: must be one of cpu, cuda, got 'tpu'"
+    with pytest.raises(InvalidArgumentError, match="--device: must be one of cpu, cuda"):
+        RecordConfig(device="tpu").validate()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidArgumentError) as error:
+        kind(device="cuda").validate()
+    assert str(error.value) == (
+        "--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kind(device="cuda").validate()

@@ -1,7 +1,8 @@
 """Analyses of a recorded store (docs/analysis.md, docs/reverse-mode.md).
 
 - lazy dask/xarray functions of the stored hypergradients: `contributions`,
-  `total_contributions`, `interclass`, `top_influencers`, `sign_clusters` (no torch);
+  `total_contributions`, `interclass`, `top_influencers`, `cluster_samples` and
+  `sign_clusters` (finding mislabelled samples; no torch);
 - the stages behind the CLI: `stored` (`analyze`, `suspects`), `reverse` (reverse mode),
   `comparison` (`compare`), `validation` (`validate`), with `methods` (the contribution-method
   registry), `metrics`, `test_sets` and `figures`.
@@ -19,7 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hydra_store.analysis.clustering import NoiseScores, noise_scores, sign_clusters
+from hydra_store.analysis.clustering import (
+    NoiseScores,
+    cluster_samples,
+    noise_scores,
+    sign_clusters,
+)
 from hydra_store.analysis.contributions import contributions, total_contributions
 from hydra_store.analysis.influencers import extreme_samples, top_influencers
 from hydra_store.analysis.interclass import interclass
@@ -35,6 +41,7 @@ __all__ = [
     "NoiseScores",
     "SuspectsTable",
     "analyze",
+    "cluster_samples",
     "contributions",
     "extreme_samples",
     "interclass",

@@ -4,21 +4,34 @@ of their result groups, reading their totals back, and the lines of their summar
 
 Each writes `<group>/<test set>` with `train` (N,), `train_label` (N,) for class labels, and
 `total_contribution` (train,) float64: C(i) of every training sample, in HyDRA's scale and sign
-convention (positive: removing i would raise the test loss, so i helps).
+convention (positive: removing i would raise the test loss, so i helps); with `per_test`, also
+`test` (K,) (and `test_label`) and `contribution` (train, test) float64, C(i, j) for each chosen
+test sample j, whose mean over all test samples is C(i). Each runs at any stored checkpoint
+(`checkpoint`; the attributes `checkpoint`, `step` and `n_checkpoints` say which), and gives
+`compare` its C(i) at a list of checkpoints without writing anything (`totals_at`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.func import jvp, vmap
 
+from hydra_store.analysis.reverse import _select_test_samples, resolve_checkpoint
 from hydra_store.analysis.test_sets import TestSet, group_name, resolve_test_set
+from hydra_store.core.gradients import (
+    per_sample_directional_derivatives,
+    per_sample_loss_function,
+    per_sample_loss_gradients,
+)
 from hydra_store.core.losses import LossFunction
-from hydra_store.core.parameters import ParameterLayout
+from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
 from hydra_store.data.datasets import Split
 from hydra_store.errors import AnalysisError
 from hydra_store.replay.recorded_run import RunInputs, load_run_data, model_at_checkpoint
@@ -27,20 +40,24 @@ from hydra_store.store.format import open_group, require_complete
 
 SIGN_CONVENTION = "positive: removing the sample would raise the test loss (it helps)"
 TOTAL = "total_contribution"
+PER_TEST = "contribution"
 
 ArraySpec = tuple[np.ndarray, tuple[str, ...], dict[str, Any]]
 
 
 @dataclass
 class RecordedRun:
-    """A complete store's trajectory, training split, test set and model (at the last
-    checkpoint, in `dtype`), with the loss every gradient takes (the store's)."""
+    """A complete store's trajectory, training split, test set and model at one checkpoint (in
+    `dtype`), with the loss every gradient takes (the store's)."""
 
+    path: Path
     trajectory: Trajectory
     train: Split
     tests: TestSet
     model: torch.nn.Module
     checkpoint: int
+    inputs: RunInputs | None = None
+    dtype: torch.dtype | None = None
 
     @property
     def layout(self) -> ParameterLayout:
@@ -55,17 +72,42 @@ class RecordedRun:
         return self.trajectory.n_train
 
     @property
-    def final_weight_decay(self) -> float:
-        """The weight decay of the last recorded step (the lambda of the training objective at
-        the final weights)."""
+    def n_checkpoints(self) -> int:
+        return len(self.trajectory.checkpoint_step)
+
+    @property
+    def step(self) -> int:
+        """The training step of the checkpoint."""
+        return int(self.trajectory.checkpoint_step[self.checkpoint])
+
+    @property
+    def weight_decay(self) -> float:
+        """The weight decay of the last step before the checkpoint (the lambda of the training
+        objective at its weights; at checkpoint 0, that of the first step)."""
         n = self.trajectory.n_steps
-        return self.trajectory.settings(n - 1, n)[0].weight_decay if n else 0.0
+        if not n:
+            return 0.0
+        step = min(max(self.step, 1), n)
+        return self.trajectory.settings(step - 1, step)[0].weight_decay
+
+    def at(self, checkpoint: int | None) -> RecordedRun:
+        """The same run with the model at another checkpoint (None: the last)."""
+        resolved = resolve_checkpoint(self.n_checkpoints, checkpoint)
+        if resolved == self.checkpoint:
+            return self
+        model = model_at_checkpoint(self.path, resolved, dtype=self.dtype, inputs=self.inputs)
+        return dataclasses.replace(self, model=model, checkpoint=resolved)
 
 
 def load_recorded_run(
-    path: Path, test_set: str, inputs: RunInputs | None, dtype: torch.dtype | None = None
+    path: Path,
+    test_set: str,
+    inputs: RunInputs | None,
+    dtype: torch.dtype | None = None,
+    checkpoint: int | None = None,
 ) -> RecordedRun:
-    """The run of a complete store at its last checkpoint (refusing an unfinished one)."""
+    """The run of a complete store at a checkpoint (None: the last; negative counts from the
+    end), refusing an unfinished store."""
     require_complete(open_group(path), path)
     trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
     data = load_run_data(path, inputs)
@@ -75,9 +117,92 @@ def load_recorded_run(
             f"n_train={trajectory.n_train}"
         )
     tests = resolve_test_set(path, test_set, run=data)
-    checkpoint = len(trajectory.checkpoint_step) - 1
-    model = model_at_checkpoint(path, checkpoint, dtype=dtype, inputs=inputs)
-    return RecordedRun(trajectory, data.train, tests, model, checkpoint)
+    resolved = resolve_checkpoint(len(trajectory.checkpoint_step), checkpoint)
+    model = model_at_checkpoint(path, resolved, dtype=dtype, inputs=inputs)
+    return RecordedRun(path, trajectory, data.train, tests, model, resolved, inputs, dtype)
+
+
+def chosen_test_samples(per_test: int | Sequence[int] | None, tests: TestSet) -> np.ndarray:
+    """The test samples given per-test contributions: none, the first K, or the given indices
+    (checked as reverse mode checks them)."""
+    return _select_test_samples(per_test, int(tests.targets.shape[0]))
+
+
+def per_test_gradients(
+    run: RecordedRun, chosen: np.ndarray, batch_size: int = 1024
+) -> torch.Tensor:
+    """The loss gradient of each chosen test sample at the run's weights, (K, P), in eval mode
+    (as the mean test-loss gradient u is taken: their mean over all test samples is u)."""
+    index = torch.from_numpy(np.asarray(chosen, dtype=np.int64))
+    blocks = [
+        per_sample_loss_gradients(
+            run.model,
+            run.layout,
+            run.tests.inputs[index[start : start + batch_size]],
+            run.tests.targets[index[start : start + batch_size]],
+            run.loss,
+        ).detach()
+        for start in range(0, int(index.numel()), batch_size)
+    ]
+    return torch.cat(blocks)
+
+
+# Directions per vmapped forward-mode pass of `training_dots`.
+DIRECTION_BLOCK = 32
+
+
+def training_dots(
+    run: RecordedRun, directions: torch.Tensor, batch_size: int = 1024
+) -> torch.Tensor:
+    """``g_i . v_k`` for every training sample i and each row v_k of `directions` (K, P): (N, K),
+    without forming the per-sample gradients. One direction takes one forward-mode pass per
+    batch (`per_sample_directional_derivatives`, as the totals always have); K take vmapped
+    passes over blocks of DIRECTION_BLOCK directions."""
+    model, layout, train = run.model, run.layout, run.train
+    if directions.shape[0] == 1:
+        dots = per_sample_directional_derivatives(
+            model,
+            layout,
+            train.inputs,
+            train.targets,
+            directions[0],
+            batch_size=batch_size,
+            loss=run.loss,
+        )
+        return dots[:, None]
+    param = next(model.parameters())
+    point = get_flat_parameters(model, layout)
+    directions = directions.to(point.device, point.dtype)
+    n = int(train.targets.shape[0])
+    out = torch.empty(n, directions.shape[0], dtype=point.dtype, device=point.device)
+    for start in range(0, n, batch_size):
+        x = train.inputs[start : start + batch_size].to(param.device, param.dtype)
+        y = train.targets[start : start + batch_size].to(param.device)
+        losses = per_sample_loss_function(model, layout, x, y, run.loss)
+
+        def dot(v: torch.Tensor, fn=losses) -> torch.Tensor:
+            return jvp(fn, (point,), (v,))[1]
+
+        for first in range(0, directions.shape[0], DIRECTION_BLOCK):
+            block = directions[first : first + DIRECTION_BLOCK]
+            out[start : start + x.shape[0], first : first + block.shape[0]] = vmap(
+                dot, randomness="same"
+            )(block).T.detach()
+    return out
+
+
+def checkpoint_attrs(run: RecordedRun) -> dict[str, Any]:
+    """The attributes saying at which checkpoint a result was computed (`compare`, `validate`
+    and the LDS ignore results computed before the last)."""
+    return {"checkpoint": run.checkpoint, "step": run.step, "n_checkpoints": run.n_checkpoints}
+
+
+def computed_before_last(attrs: Mapping[str, Any]) -> bool:
+    """Whether a baseline's result group was computed at a checkpoint before the last one."""
+    checkpoint, count = attrs.get("checkpoint"), attrs.get("n_checkpoints")
+    if not isinstance(checkpoint, int) or not isinstance(count, int):
+        return False
+    return checkpoint % count != count - 1
 
 
 def total_arrays(train: Split, values: np.ndarray, long_name: str) -> dict[str, ArraySpec]:
@@ -90,22 +215,46 @@ def total_arrays(train: Split, values: np.ndarray, long_name: str) -> dict[str, 
     return arrays
 
 
+def per_test_arrays(
+    tests: TestSet, chosen: np.ndarray, values: np.ndarray, long_name: str
+) -> dict[str, ArraySpec]:
+    """`test` (the chosen test indices), `test_label` (class labels only) and `contribution`
+    (train, test) float64: C(i, j) for each chosen test sample j."""
+    arrays: dict[str, ArraySpec] = {"test": (np.asarray(chosen, dtype=np.int64), ("test",), {})}
+    if not tests.targets.is_floating_point():
+        labels = tests.targets[torch.from_numpy(np.asarray(chosen, dtype=np.int64))]
+        arrays["test_label"] = (labels.numpy().astype(np.int64), ("test",), {})
+    arrays[PER_TEST] = (
+        np.asarray(values, dtype=np.float64),
+        ("train", "test"),
+        {"long_name": long_name},
+    )
+    return arrays
+
+
 def read_total(path: Path, group: str, test_set: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """(training indices, C(i), the group's attributes) of `<group>/<test set>`, or None when
-    the method has not run on that test set."""
+    the method has not run on that test set or ran at a checkpoint before the last (its C(i)
+    then describes another model than the one `compare` and `validate` judge)."""
     root = open_group(path)
     name = f"{group}/{group_name(test_set)}"
     try:
         node = root[name]
     except KeyError:
         return None
-    if TOTAL not in node:
+    if TOTAL not in node or computed_before_last(node.attrs):
         return None
     values = np.asarray(node[TOTAL][:], dtype=np.float64)
     index = np.asarray(node["train"][:], dtype=np.int64) if "train" in node else None
     if index is None or index.size != values.size:
         index = np.arange(values.size, dtype=np.int64)
     return index, values, dict(node.attrs)
+
+
+def config_attrs(config: Any) -> dict[str, Any]:
+    """A config as its `config` attribute (a tuple of test indices as a list)."""
+    attrs = dataclasses.asdict(config)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()}
 
 
 def extremes_lines(values: np.ndarray, count: int = 5) -> list[str]:

@@ -1,18 +1,26 @@
 """Compare contribution methods against the exact (reverse-mode, Hessian-aware) contribution of
 every training sample: sign error rate and Spearman correlation, at the end of training and over
-checkpoints (the paper's Figures 4 and 5, measured on all N training samples)."""
+checkpoints (the paper's Figures 4 and 5, measured on all N training samples, for HyDRA's
+approximation and every method that gives C(i) at any checkpoint: influence functions, TracIn,
+TRAK-style)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hydra_store.analysis.methods import MethodRegistry, ReverseModeMethod, default_methods
+from hydra_store.analysis.baselines import computed_before_last
+from hydra_store.analysis.methods import (
+    ContributionMethod,
+    MethodRegistry,
+    ReverseModeMethod,
+    default_methods,
+)
 from hydra_store.analysis.metrics import pearson, sign_error_rate, spearman
 from hydra_store.analysis.reverse import (
     adjoint_contributions,
@@ -33,10 +41,23 @@ from hydra_store.store.results import results_root
 
 Progress = Callable[[str, int, int], None]
 
-# The paper's approximation study (HyDRA against its exact mode, Fashion-MNIST, 500 tracked
-# training samples, end of training): shown beside what we measure.
+# The paper's approximation study (Figures 4 and 5: HyDRA's approximation and influence
+# functions against the Hessian-aware contribution, Fashion-MNIST, 500 tracked training samples,
+# the values they converge to, mean of the last epochs; standard deviations 0.002, 0.002, 0.013,
+# 0.024): shown beside what we measure.
 PAPER_SIGN_ERROR = 0.014
 PAPER_SPEARMAN = 0.986
+PAPER_INFLUENCE_SIGN_ERROR = 0.130
+PAPER_INFLUENCE_SPEARMAN = 0.820
+PAPER_REFERENCES = (
+    ("paper, HyDRA (Fashion-MNIST, 500 tracked)", PAPER_SIGN_ERROR, PAPER_SPEARMAN),
+    (
+        "paper, influence functions (Fashion-MNIST)",
+        PAPER_INFLUENCE_SIGN_ERROR,
+        PAPER_INFLUENCE_SPEARMAN,
+    ),
+)
+HYDRA_CURVE = "hydra-approx (reverse mode)"
 
 
 def exact_totals(
@@ -76,17 +97,54 @@ class MethodScore:
 
 
 @dataclass
+class CheckpointStudy:
+    """Each method scored against the exact contribution of all N training samples at each
+    chosen checkpoint (the paper's Figures 4 and 5): row 0 is HyDRA's approximation (from the
+    same adjoint sweeps as the exact contribution), the others the methods that give C(i) at any
+    checkpoint. `seconds`: each row's cost (row 0: the sweeps, which also give the exact C(i));
+    `errors`: why a row has no scores (None when it has)."""
+
+    checkpoint: np.ndarray
+    step: np.ndarray
+    labels: list[str]
+    names: list[str]
+    sign_error: np.ndarray
+    spearman: np.ndarray
+    seconds: np.ndarray
+    configs: list[dict[str, Any] | None]
+    stored: list[bool]
+    errors: list[str | None]
+
+    @classmethod
+    def empty(cls) -> CheckpointStudy:
+        none = np.zeros(0, dtype=np.int64)
+        return cls(none, none, [], [], np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0), [], [], [])
+
+
+@dataclass
 class ComparisonSummary:
     path: Path
     test_set: str
     n_train: int
     scores: list[MethodScore]
-    checkpoint_step: np.ndarray = field(repr=False)
-    checkpoint_sign_error: np.ndarray = field(repr=False)
-    checkpoint_spearman: np.ndarray = field(repr=False)
+    study: CheckpointStudy = field(repr=False)
     png: Path | None
     computed_exact: bool
     seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def checkpoint_step(self) -> np.ndarray:
+        return self.study.step
+
+    @property
+    def checkpoint_sign_error(self) -> np.ndarray:
+        """HyDRA's approximation over checkpoints."""
+        return self.study.sign_error[0] if self.study.labels else np.zeros(0)
+
+    @property
+    def checkpoint_spearman(self) -> np.ndarray:
+        return self.study.spearman[0] if self.study.labels else np.zeros(0)
 
     def lines(self) -> list[str]:
         out = []
@@ -102,28 +160,62 @@ class ComparisonSummary:
                 f"{s.method:<44} {s.n_samples:>8} {s.sign_error:>11.4f} {s.spearman:>9.4f} "
                 f"{s.pearson:>8.4f}"
             )
-        out.append(
-            f"{'paper, HyDRA (Fashion-MNIST, 500 tracked)':<44} {500:>8} "
-            f"{PAPER_SIGN_ERROR:>11.4f} {PAPER_SPEARMAN:>9.4f} {'':>8}"
-        )
-        if self.checkpoint_step.size:
-            out.append("approximate against exact over checkpoints (step: sign error, Spearman):")
+        for label, error, rho in PAPER_REFERENCES:
+            out.append(f"{label:<44} {500:>8} {error:>11.4f} {rho:>9.4f} {'':>8}")
+        out += [f"skipped {line}" for line in self.skipped]
+        study = self.study
+        if study.step.size:
             out.append(
-                "  "
-                + "; ".join(
-                    f"{int(t)}: {e:.3f}, {r:.3f}"
-                    for t, e, r in zip(
-                        self.checkpoint_step,
-                        self.checkpoint_sign_error,
-                        self.checkpoint_spearman,
-                        strict=True,
+                "over checkpoints (step: sign error, Spearman), each against the exact "
+                "contribution at that checkpoint:"
+            )
+            for row, label in enumerate(study.labels):
+                origin = (
+                    "" if row == 0 else (", as last run" if study.stored[row] else ", defaults")
+                )
+                head = f"  {label} ({study.seconds[row]:.1f} s{origin})"
+                if study.errors[row] is not None:
+                    out.append(f"{head}: not scored: {study.errors[row]}")
+                    continue
+                out.append(
+                    f"{head}: "
+                    + "; ".join(
+                        f"{int(t)}: {e:.3f}, {r:.3f}"
+                        for t, e, r in zip(
+                            study.step, study.sign_error[row], study.spearman[row], strict=True
+                        )
                     )
                 )
-            )
         if self.png is not None:
             out.append(f"plot: {self.png}")
         out.append(f"written to {self.path}/reverse/{self.test_set}/comparison")
         return out
+
+
+def checkpoint_methods(
+    registry: MethodRegistry, names: tuple[str, ...] | None
+) -> list[ContributionMethod]:
+    """The methods `compare` scores over checkpoints: those named (each must give C(i) at any
+    checkpoint), or with None every such method in the registry."""
+    capable = [m for m in registry if m.scores_checkpoints]
+    if names is None:
+        return capable
+    choices = ", ".join(m.name for m in capable) + (", or " if capable else "") + "'none'"
+    chosen = []
+    for name in names:
+        if name not in registry.names():
+            raise InvalidArgumentError(
+                f"--checkpoint-methods: unknown method {name!r}; choose among {choices}"
+            )
+        method = registry[name]
+        if not method.scores_checkpoints:
+            raise InvalidArgumentError(
+                f"--checkpoint-methods: {name!r} gives no C(i) at earlier checkpoints; choose "
+                f"among {choices}"
+            )
+        if method not in chosen:
+            chosen.append(method)
+    return chosen
 
 
 def checkpoint_study(
@@ -133,10 +225,14 @@ def checkpoint_study(
     every: int = 1,
     progress: Progress | None = None,
     inputs: RunInputs | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(checkpoint steps, sign error, Spearman) of approximate against exact at checkpoints
-    1, 1+every, ..., and the last: each by an adjoint truncated at the checkpoint, with the
-    test direction taken at its weights. Costs about K/2 full sweeps for K checkpoints."""
+    methods: Sequence[tuple[ContributionMethod, Any, bool]] = (),
+) -> CheckpointStudy:
+    """Score HyDRA's approximation and each of `methods` ((method, its config, whether the
+    config is the one it last ran with)) against the exact contribution at checkpoints 1,
+    1+every, ..., and the last. The exact and approximate C(i) at a checkpoint come from an
+    adjoint truncated there, with the test direction taken at its weights (about K/2 full
+    sweeps for K checkpoints); each method's from its `totals_at`, computed as it would be by a
+    run with `checkpoint=k` (a method that fails gets a row of NaN and its error)."""
     if every < 1:
         raise InvalidArgumentError(f"--every must be >= 1, got {every}")
     trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
@@ -144,26 +240,64 @@ def checkpoint_study(
     tests = resolve_test_set(path, test_set, run=data)
     last = len(trajectory.checkpoint_step) - 1
     chosen = sorted(set(range(1, last + 1, every)) | {last}) if last >= 1 else []
-    steps, errors, correlations = [], [], []
+    rows = 1 + len(methods)
+    errors = np.full((rows, len(chosen)), np.nan)
+    correlations = np.full((rows, len(chosen)), np.nan)
+    seconds = np.zeros(rows)
+    failures: list[str | None] = [None] * rows
+    predicted: list[np.ndarray | None] = [None] * rows
+    for row, (method, config, _) in enumerate(methods, start=1):
+        started = time.perf_counter()
+        try:
+            predicted[row] = method.totals_at(
+                path, chosen, config, inputs=inputs, progress=progress
+            )
+        except (AnalysisError, InvalidArgumentError) as error:
+            failures[row] = str(error)
+        seconds[row] = time.perf_counter() - started
     scratch = model_at_checkpoint(path, 0, inputs=inputs)
-    for n, k in enumerate(chosen, start=1):
+    for column, k in enumerate(chosen):
+        started = time.perf_counter()
         model = model_at_checkpoint(path, k, inputs=inputs)
         u, _ = mean_loss_gradient(
             model, trajectory.layout, tests.inputs, tests.targets, loss=trajectory.loss
         )
         result = adjoint_contributions(trajectory, scratch, data.train, u[None], checkpoint=k)
-        steps.append(int(trajectory.checkpoint_step[k]))
-        errors.append(sign_error_rate(result.approx[0], result.exact[0]))
-        correlations.append(spearman(result.approx[0], result.exact[0]))
+        exact = result.exact[0]
+        seconds[0] += time.perf_counter() - started
+        for row in range(rows):
+            values = result.approx[0] if row == 0 else predicted[row]
+            if values is None:
+                continue
+            values = values if row == 0 else values[column]
+            errors[row, column] = sign_error_rate(values, exact)
+            correlations[row, column] = spearman(values, exact)
         if progress is not None:
-            progress("checkpoints", n, len(chosen))
-    return np.array(steps, dtype=np.int64), np.array(errors), np.array(correlations)
+            progress("checkpoints", column + 1, len(chosen))
+    return CheckpointStudy(
+        checkpoint=np.asarray(chosen, dtype=np.int64),
+        step=np.asarray([int(trajectory.checkpoint_step[k]) for k in chosen], dtype=np.int64),
+        labels=[HYDRA_CURVE] + [m.config_label(c) for m, c, _ in methods],
+        names=[ReverseModeMethod.name] + [m.name for m, _, _ in methods],
+        sign_error=errors,
+        spearman=correlations,
+        seconds=seconds,
+        configs=[None] + [_config_dict(c) for _, c, _ in methods],
+        stored=[True] + [bool(s) for _, _, s in methods],
+        errors=failures,
+    )
 
 
-def plot_checkpoints(
-    out: Path, steps: np.ndarray, errors: np.ndarray, correlations: np.ndarray, title: str
-) -> None:
-    """Sign error rate and Spearman correlation over checkpoints, as a PNG (Agg backend)."""
+def _config_dict(config: Any) -> dict[str, Any]:
+    values = asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def plot_checkpoints(out: Path, study: CheckpointStudy, title: str) -> None:
+    """The paper's Figures 4 and 5 side by side, as a PNG (Agg backend): sign error rate and
+    Spearman correlation against the exact contribution over checkpoints, one line per method,
+    and the paper's end-of-training values (Fashion-MNIST) as dashed reference lines in the
+    colour of the method they belong to."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,22 +305,55 @@ def plot_checkpoints(
 
     from hydra_store.analysis.plots import save_png
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.plot(steps, errors, marker="o", label="HyDRA approximate (all samples)")
-    left.axhline(PAPER_SIGN_ERROR, ls="--", c="gray", label="paper, end (Fashion-MNIST)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour_of = {}
+    for row, label in enumerate(study.labels):
+        colour = colours[row % len(colours)]
+        colour_of.setdefault(study.names[row], colour)
+        if study.errors[row] is not None:
+            continue
+        left.plot(study.step, study.sign_error[row], marker="o", ms=3, c=colour, label=label)
+        right.plot(study.step, study.spearman[row], marker="o", ms=3, c=colour, label=label)
+    for name, (label, error, rho) in zip(
+        (ReverseModeMethod.name, "influence"), PAPER_REFERENCES, strict=True
+    ):
+        colour = colour_of.get(name, "gray")
+        text = f"{label}, end: sign error {error}, Spearman {rho}"
+        left.axhline(error, ls="--", lw=1, c=colour, label=text)
+        right.axhline(rho, ls="--", lw=1, c=colour, label=text)
     left.set_xlabel("training step")
-    left.set_ylabel("sign error rate")
+    left.set_ylabel("sign error rate vs exact")
+    left.set_title("sign error (the paper's Figure 4)", fontsize=10)
     left.set_ylim(bottom=0)
-    left.legend(fontsize=8)
-    right.plot(steps, correlations, marker="o", label="HyDRA approximate (all samples)")
-    right.axhline(PAPER_SPEARMAN, ls="--", c="gray", label="paper, end (Fashion-MNIST)")
     right.set_xlabel("training step")
     right.set_ylabel("Spearman vs exact")
-    right.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+    right.set_title("rank correlation (the paper's Figure 5)", fontsize=10)
+    handles, labels = right.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 2) // 3), 1, 1))
     save_png(fig, out, dpi=110)
     plt.close(fig)
+
+
+def skipped_results(results: Path, test_set: str, registry: MethodRegistry) -> list[str]:
+    """The result groups `compare` leaves out because they were computed at a checkpoint before
+    the last (their C(i) describes another model than the exact contribution's)."""
+    root = open_group(results)
+    found = []
+    for method in registry:
+        name = f"{method.group}/{group_name(test_set)}"
+        try:
+            attrs = root[name].attrs
+        except KeyError:
+            continue
+        if method.group != ReverseModeMethod.group and computed_before_last(attrs):
+            found.append(
+                f"{name}: computed at checkpoint {attrs['checkpoint']}, not the last; rerun "
+                f"`hydra-store analyze --method {method.name}` without --checkpoint"
+            )
+    return found
 
 
 @reads_store
@@ -204,22 +371,33 @@ def run_comparison(
     `methods`, default: the built-in ones) against the exact contribution, write the table (and
     the per-checkpoint curves) to `reverse/<test set>/comparison`, and plot them to `png`
     (default: `<store>-compare-<test set>.png` beside the store). `config` is a CompareConfig,
-    or the test set's name with its fields as keyword options. `inputs`: the model, data and
-    loss given in Python (`hydra_store.RunInputs`), for a store that does not name them. `out`:
-    a results store to read and write the result groups in instead of the recording (the PNG
-    then goes beside it)."""
+    or the test set's name with its fields as keyword options.
+
+    Over checkpoints (`over_checkpoints`), every method of `methods` that gives C(i) at any
+    checkpoint (`ContributionMethod.totals_at`; or those `checkpoint_methods` names) is scored
+    beside HyDRA's approximation, with the arguments it last ran with on this test set, or
+    its defaults for this study when it has not run (`default_checkpoint_config`).
+    `inputs`: the model, data and loss given in Python (`hydra_store.RunInputs`), for a store
+    that does not name them. `out`: a results store to read and write the result groups in
+    instead of the recording (the PNG then goes beside it)."""
     if options.get("png") is not None:
         options["png"] = str(options["png"])
+    if isinstance(options.get("checkpoint_methods"), (list, tuple)):
+        options["checkpoint_methods"] = tuple(options["checkpoint_methods"])
     config = resolve_config(CompareConfig, config, options)
     config.validate()
     started = time.perf_counter()
     path = store_path(path)
     require_complete(open_group(path), path)
+    registry = methods or default_methods()
+    over = (
+        checkpoint_methods(registry, config.checkpoint_methods) if config.over_checkpoints else []
+    )
     test_set, name = config.test_set, group_name(config.test_set)
     exact, approx, computed = exact_totals(path, test_set, progress, inputs, out)
     results = results_root(path, out)
     scored = {"hydra-approx (reverse mode, all samples)": (np.arange(exact.size), approx)}
-    for label, totals in (methods or default_methods()).totals(results, test_set).items():
+    for label, totals in registry.totals(results, test_set).items():
         if label not in (ReverseModeMethod.EXACT, ReverseModeMethod.APPROXIMATE):
             scored[label] = totals
     scores = [
@@ -232,12 +410,12 @@ def run_comparison(
         )
         for label, (index, values) in scored.items()
     ]
-    steps = np.zeros(0, dtype=np.int64)
-    errors = correlations = np.zeros(0)
+    study = CheckpointStudy.empty()
     png_path = None
     if config.over_checkpoints:
-        steps, errors, correlations = checkpoint_study(
-            path, test_set, every=config.every, progress=progress, inputs=inputs
+        configured = [(m, *m.checkpoint_config(results, test_set)) for m in over]
+        study = checkpoint_study(
+            path, test_set, every=config.every, progress=progress, inputs=inputs, methods=configured
         )
         png_path = (
             store_path(config.png)
@@ -246,39 +424,44 @@ def run_comparison(
         )
         plot_checkpoints(
             png_path,
-            steps,
-            errors,
-            correlations,
-            f"HyDRA approximate vs exact, all {exact.size} training samples ({path.name})",
+            study,
+            f"against the exact contribution of all {exact.size} training samples "
+            f"({path.name}, test set {test_set!r})",
         )
-    arrays = _comparison_arrays(scores, steps, errors, correlations)
     attrs = {
-        "config": asdict(config),
+        "config": _config_dict(config),
         "gold_standard": "total_contribution_exact (reverse mode)",
         "paper_sign_error": PAPER_SIGN_ERROR,
         "paper_spearman": PAPER_SPEARMAN,
+        "paper_influence_sign_error": PAPER_INFLUENCE_SIGN_ERROR,
+        "paper_influence_spearman": PAPER_INFLUENCE_SPEARMAN,
+        "checkpoint_method_config": study.configs,
+        "checkpoint_method_stored_config": study.stored,
+        "checkpoint_method_error": study.errors,
         "png": str(png_path) if png_path else None,
     }
-    write_result_group(results, f"reverse/{name}/comparison", arrays, attrs)
+    write_result_group(
+        results, f"reverse/{name}/comparison", _comparison_arrays(scores, study), attrs
+    )
     return ComparisonSummary(
         path=results,
         test_set=name,
         n_train=int(exact.size),
         scores=scores,
-        checkpoint_step=steps,
-        checkpoint_sign_error=errors,
-        checkpoint_spearman=correlations,
+        study=study,
         png=png_path,
         computed_exact=computed,
         seconds=time.perf_counter() - started,
+        skipped=skipped_results(results, test_set, registry),
     )
 
 
 def _comparison_arrays(
-    scores: list[MethodScore], steps: np.ndarray, errors: np.ndarray, correlations: np.ndarray
+    scores: list[MethodScore], study: CheckpointStudy
 ) -> dict[str, tuple[np.ndarray, tuple[str, ...], dict]]:
-    """The variables of `reverse/<test set>/comparison`: one row per method, one per
-    checkpoint."""
+    """The variables of `reverse/<test set>/comparison`: one row per method at the end of
+    training; over checkpoints, one row per method scored there (`checkpoint_method`; row 0,
+    HyDRA's approximation, is also `checkpoint_sign_error` and `checkpoint_spearman`)."""
     per_method = {
         "method": np.array([s.method for s in scores], dtype=object),
         "n_samples": np.array([s.n_samples for s in scores]),
@@ -287,7 +470,33 @@ def _comparison_arrays(
         "pearson": np.array([s.pearson for s in scores]),
     }
     arrays = {key: (values, ("method",), {}) for key, values in per_method.items()}
-    arrays["checkpoint_step"] = (steps, ("checkpoint",), {})
-    arrays["checkpoint_sign_error"] = (errors, ("checkpoint",), {})
-    arrays["checkpoint_spearman"] = (correlations, ("checkpoint",), {})
+    first = (lambda a: a[0]) if study.labels else (lambda a: np.zeros(0))
+    curves = ("checkpoint_method", "checkpoint")
+    arrays |= {
+        "checkpoint": (study.checkpoint, ("checkpoint",), {}),
+        "checkpoint_step": (study.step, ("checkpoint",), {}),
+        "checkpoint_sign_error": (first(study.sign_error), ("checkpoint",), {}),
+        "checkpoint_spearman": (first(study.spearman), ("checkpoint",), {}),
+        "checkpoint_method": (np.array(study.labels, dtype=object), ("checkpoint_method",), {}),
+        "checkpoint_method_name": (
+            np.array(study.names, dtype=object),
+            ("checkpoint_method",),
+            {"long_name": "the method's registry name"},
+        ),
+        "checkpoint_method_seconds": (
+            study.seconds,
+            ("checkpoint_method",),
+            {"long_name": "seconds spent computing its C(i) over the checkpoints"},
+        ),
+        "sign_error_over_checkpoints": (
+            study.sign_error.reshape(len(study.labels), study.checkpoint.size),
+            curves,
+            {"long_name": "sign error rate against the exact C(i) at each checkpoint"},
+        ),
+        "spearman_over_checkpoints": (
+            study.spearman.reshape(len(study.labels), study.checkpoint.size),
+            curves,
+            {"long_name": "Spearman correlation with the exact C(i) at each checkpoint"},
+        ),
+    }
     return arrays

@@ -1,5 +1,6 @@
-"""Influence functions at the final weights (Koh & Liang, 2017) as a contribution method beside
-HyDRA: `analyze --method influence`, written to `influence/<test set>`.
+"""Influence functions at the weights of a checkpoint, by default the final ones (Koh & Liang,
+2017), as a contribution method beside HyDRA: `analyze --method influence`, written to
+`influence/<test set>`.
 
 With the recorder's perturbation (sample i's loss weighted by ``1 + N eps_i``) and the training
 objective ``J(w) = (1/N) sum_k l_k(w) + (lambda/2) |w|^2`` at a minimum w*, ``dw*/d eps_i =
@@ -13,8 +14,15 @@ a strongly convex problem trained to convergence it equals HyDRA's exact C(i) (t
 fixed point is ``h = -H^{-1} g_i``; tests/analysis/test_influence.py). The derivation, the
 solvers and the measured default damping: docs/analysis.md, "Baselines".
 
+Per test sample j (`per_test`): ``C_IF(i, j) = (1/N) g_j . (H + delta I)^{-1} g_i``, one solve
+per test sample (explicit: the same eigendecomposition; cg and lissa: all test samples side by
+side), whose mean over all test samples is C_IF(i). At an earlier checkpoint (`checkpoint`) the
+same formula is evaluated at its weights, with the weight decay of the step ending there; the
+automatic damping is chosen from that point's spectrum. `compare` scores it so at every
+checkpoint (`InfluenceMethod.totals_at`).
+
 The Hessian, its solves and the gradients are computed in float64 (the model is rebuilt in
-float64 at the final weights), whatever the store's dtype.
+float64 at the checkpoint's weights), whatever the store's dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,16 +40,26 @@ import numpy as np
 import torch
 
 from hydra_store.analysis.baselines import (
+    PER_TEST,
     SIGN_CONVENTION,
+    TOTAL,
+    RecordedRun,
+    checkpoint_attrs,
+    chosen_test_samples,
+    config_attrs,
     extremes_lines,
     load_recorded_run,
+    per_test_arrays,
+    per_test_gradients,
     read_total,
     total_arrays,
+    training_dots,
 )
 from hydra_store.analysis.methods import ContributionMethod, Totals
 from hydra_store.arguments import InfluenceConfig, resolve_config
-from hydra_store.core.gradients import mean_loss_gradient, per_sample_directional_derivatives
+from hydra_store.core.gradients import mean_loss_gradient
 from hydra_store.core.influence import (
+    HESSIAN_BLOCK,
     InverseResult,
     TrainingHessian,
     conjugate_gradient,
@@ -97,6 +115,107 @@ def choose_damping(smallest: float | None, given: float | None) -> Spectrum:
     return Spectrum(smallest, None, AUTO_DAMPING_FACTOR * max(0.0, -(smallest or 0.0)), True)
 
 
+@dataclass
+class DampedHessian:
+    """``H + damping I`` of one run at one checkpoint, ready to be solved against any number of
+    right-hand sides: the spectrum and damping it was given, and for the explicit solver the
+    eigendecomposition (computed once, reused by every solve)."""
+
+    hessian: TrainingHessian
+    config: InfluenceConfig
+    spectrum: Spectrum
+    eigen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def damping(self) -> float:
+        return self.spectrum.damping
+
+    def hessian_apply(
+        self, vectors: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """H v for each row (over the samples `index`, None: all), in blocks of HESSIAN_BLOCK
+        rows: many test samples at once would otherwise hold the activations of every row."""
+        if vectors.shape[0] <= HESSIAN_BLOCK:
+            return self.hessian.apply(vectors, index)
+        return torch.cat(
+            [
+                self.hessian.apply(vectors[start : start + HESSIAN_BLOCK], index)
+                for start in range(0, vectors.shape[0], HESSIAN_BLOCK)
+            ]
+        )
+
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.hessian_apply(vectors) + self.damping * vectors
+
+    def solve(self, b: torch.Tensor, progress: Progress | None = None) -> InverseResult:
+        """``(H + damping I)^{-1} b`` for b (P,), or for each row of b (K, P) at once (explicit:
+        one product with the eigenvectors; cg: K systems side by side; lissa: K right-hand sides
+        through the same minibatches)."""
+        config = self.config
+        if self.eigen is not None:
+            return explicit_solve(*self.eigen, self.damping, b)
+        if config.solver == "cg":
+            return conjugate_gradient(
+                self.apply,
+                b,
+                tolerance=config.cg_tolerance,
+                max_iterations=config.cg_max_iterations,
+                progress=progress,
+            )
+        scale = config.lissa_scale
+        if scale is None:
+            scale = LISSA_SCALE_MARGIN * (float(self.spectrum.largest) + self.damping)
+        result = lissa(
+            self.hessian_apply,
+            self.hessian.n,
+            b,
+            scale=scale,
+            damping=self.damping,
+            depth=config.lissa_depth,
+            repeats=config.lissa_repeats,
+            batch_size=config.lissa_batch_size,
+            seed=config.seed,
+            progress=progress,
+        )
+        # One product on all samples: how far the estimate is from solving the system, and the
+        # curvature along it (negative: the damped Hessian is indefinite).
+        x = result.solution.reshape(-1, b.shape[-1])
+        rhs = b.reshape(-1, b.shape[-1])
+        applied = self.apply(x)
+        residual = torch.linalg.vector_norm(applied - rhs, dim=1) / torch.linalg.vector_norm(
+            rhs, dim=1
+        )
+        squares = (x * x).sum(1)
+        curvature = torch.where(squares > 0, (x * applied).sum(1) / squares, math.inf)
+        return dataclasses.replace(
+            result, residual=float(residual.max()), min_curvature=float(curvature.min())
+        )
+
+
+def damped_hessian(
+    hessian: TrainingHessian, config: InfluenceConfig, progress: Progress | None = None
+) -> DampedHessian:
+    """The damped Hessian the configured solver works with: the eigendecomposition (explicit),
+    or the Lanczos extremes where the automatic damping or LiSSA's scale needs them."""
+    if config.solver == "explicit":
+        eigenvalues, eigenvectors = torch.linalg.eigh(hessian.matrix(progress))
+        smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+        spectrum = dataclasses.replace(choose_damping(smallest, config.damping), largest=largest)
+        return DampedHessian(hessian, config, spectrum, (eigenvalues, eigenvectors))
+    smallest = largest = None
+    if config.damping is None or (config.solver == "lissa" and config.lissa_scale is None):
+        smallest, largest = lanczos_extremes(
+            hessian.apply,
+            hessian.n_params,
+            steps=LANCZOS_STEPS,
+            seed=config.seed,
+            dtype=hessian.point.dtype,
+            device=hessian.point.device,
+        )
+    spectrum = dataclasses.replace(choose_damping(smallest, config.damping), largest=largest)
+    return DampedHessian(hessian, config, spectrum)
+
+
 def inverse_hessian_product(
     hessian: TrainingHessian,
     u: torch.Tensor,
@@ -105,58 +224,77 @@ def inverse_hessian_product(
 ) -> tuple[InverseResult, Spectrum]:
     """``(H + damping I)^{-1} u`` by the configured solver (H with weight decay), and the
     spectrum and damping it used."""
-    if config.solver == "explicit":
-        eigenvalues, eigenvectors = torch.linalg.eigh(hessian.matrix(progress))
-        smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
-        spectrum = dataclasses.replace(choose_damping(smallest, config.damping), largest=largest)
-        return explicit_solve(eigenvalues, eigenvectors, spectrum.damping, u), spectrum
-    smallest = largest = None
-    if config.damping is None or (config.solver == "lissa" and config.lissa_scale is None):
-        smallest, largest = lanczos_extremes(
-            hessian.apply,
-            hessian.n_params,
-            steps=LANCZOS_STEPS,
-            seed=config.seed,
-            dtype=u.dtype,
-            device=u.device,
-        )
-    spectrum = dataclasses.replace(choose_damping(smallest, config.damping), largest=largest)
-    damping = spectrum.damping
+    damped = damped_hessian(hessian, config, progress)
+    return damped.solve(u, progress), damped.spectrum
 
-    def damped(vectors: torch.Tensor) -> torch.Tensor:
-        return hessian.apply(vectors) + damping * vectors
 
-    if config.solver == "cg":
-        result = conjugate_gradient(
-            damped,
-            u,
-            tolerance=config.cg_tolerance,
-            max_iterations=config.cg_max_iterations,
-            progress=progress,
+@dataclass
+class InfluenceResult:
+    """C_IF of every training sample at one checkpoint: the total, and per test sample when
+    asked (None otherwise), with what the solver saw."""
+
+    total: np.ndarray
+    per_test: np.ndarray | None
+    test_loss: float
+    spectrum: Spectrum
+    inverse: InverseResult
+    per_test_inverse: InverseResult | None
+
+    @property
+    def indefinite(self) -> bool:
+        return self.inverse.indefinite or bool(
+            self.per_test_inverse is not None and self.per_test_inverse.indefinite
         )
-        return result, spectrum
-    scale = config.lissa_scale
-    if scale is None:
-        scale = LISSA_SCALE_MARGIN * (float(largest) + damping)
-    result = lissa(
-        hessian.apply,
-        hessian.n,
-        u,
-        scale=scale,
-        damping=damping,
-        depth=config.lissa_depth,
-        repeats=config.lissa_repeats,
-        batch_size=config.lissa_batch_size,
-        seed=config.seed,
-        progress=progress,
+
+    @property
+    def worst(self) -> InverseResult:
+        """Of the solves, the one that met the most negative curvature (for the warning)."""
+        solves = [self.inverse] + ([self.per_test_inverse] if self.per_test_inverse else [])
+        return min(
+            solves, key=lambda r: math.inf if math.isnan(r.min_curvature) else r.min_curvature
+        )
+
+
+def influence_contributions(
+    run: RecordedRun,
+    config: InfluenceConfig,
+    chosen: np.ndarray,
+    progress: Progress | None = None,
+) -> InfluenceResult:
+    """C_IF(i) = (1/N) g_i . (H + damping I)^{-1} u at the run's checkpoint (the model in
+    float64), and for each chosen test sample j C_IF(i, j) = (1/N) g_i . (H + damping I)^{-1}
+    g_j (one solve per test sample, all at once)."""
+    model, layout, loss, train = run.model, run.layout, run.loss, run.train
+    u, test_loss = mean_loss_gradient(
+        model, layout, run.tests.inputs, run.tests.targets, batch_size=config.batch_size, loss=loss
     )
-    # One product on all samples: how far the estimate is from solving the system, and the
-    # curvature along it (negative: the damped Hessian is indefinite).
-    x = result.solution
-    applied = damped(x[None])[0]
-    residual = float(torch.linalg.vector_norm(applied - u) / torch.linalg.vector_norm(u))
-    curvature = float(x @ applied / (x @ x)) if float(x @ x) > 0 else math.inf
-    return dataclasses.replace(result, residual=residual, min_curvature=curvature), spectrum
+    hessian = TrainingHessian(
+        model,
+        layout,
+        train.inputs,
+        train.targets,
+        get_flat_parameters(model, layout),
+        weight_decay=run.weight_decay,
+        loss=loss,
+        batch_size=config.batch_size,
+    )
+    damped = damped_hessian(hessian, config, progress)
+    inverse = damped.solve(u, progress)
+    total = training_dots(run, inverse.solution[None], config.batch_size)[:, 0] / run.n_train
+    per_test = per_test_inverse = None
+    if chosen.size:
+        gradients = per_test_gradients(run, chosen, config.batch_size)
+        per_test_inverse = damped.solve(gradients, progress)
+        dots = training_dots(run, per_test_inverse.solution, config.batch_size)
+        per_test = (dots / run.n_train).cpu().numpy()
+    return InfluenceResult(
+        total=total.cpu().numpy(),
+        per_test=per_test,
+        test_loss=test_loss,
+        spectrum=damped.spectrum,
+        inverse=inverse,
+        per_test_inverse=per_test_inverse,
+    )
 
 
 def indefinite_message(result: InverseResult, damping: float) -> str:
@@ -173,8 +311,8 @@ def indefinite_message(result: InverseResult, damping: float) -> str:
         seen = f"curvature {result.min_curvature:.3g} along a direction the solver took"
         advice = f"Raise --damping (above {needed:.3g} at least)"
     return (
-        f"the damped Hessian (damping {damping:.3g}) is indefinite at the final weights: {seen}; "
-        f"the influence scores are unreliable. {advice}, or leave it out (automatic)"
+        f"the damped Hessian (damping {damping:.3g}) is indefinite at the weights analysed: "
+        f"{seen}; the influence scores are unreliable. {advice}, or leave it out (automatic)"
     )
 
 
@@ -197,6 +335,9 @@ class InfluenceSummary:
     inverse: InverseResult = field(repr=False)
     total: np.ndarray = field(repr=False)
     warning: str | None = None
+    per_test: np.ndarray | None = field(default=None, repr=False)
+    test: np.ndarray | None = field(default=None, repr=False)
+    per_test_inverse: InverseResult | None = field(default=None, repr=False)
 
     @property
     def damping(self) -> float:
@@ -204,11 +345,14 @@ class InfluenceSummary:
 
     def lines(self) -> list[str]:
         inverse, spectrum = self.inverse, self.spectrum
+        written = TOTAL + (
+            f", {PER_TEST} for {self.test.size} test samples" if self.test is not None else ""
+        )
         lines = [
             f"influence functions ({SOLVER_NAMES[self.solver]}) at checkpoint {self.checkpoint} "
             f"(step {self.step}): all {self.n_train} training samples against test set "
             f"{self.test_set!r}, in {self.seconds:.1f} s",
-            f"written to {self.path}/{self.group}: total_contribution",
+            f"written to {self.path}/{self.group}: {written}",
         ]
         hessian = (
             f"Hessian of the mean training loss + weight decay {self.weight_decay:g} "
@@ -242,6 +386,15 @@ class InfluenceSummary:
                 f"; LiSSA scale {inverse.scale:.4g}, {inverse.iterations} steps, relative "
                 f"residual {inverse.residual:.2e}"
             )
+        per_test = self.per_test_inverse
+        if per_test is not None and self.solver == "cg":
+            lines.append(
+                f"per test sample: at most {per_test.iterations} iterations, largest relative "
+                f"residual {per_test.residual:.2e}"
+                + ("" if per_test.converged else " (not converged: raise --cg-max-iterations)")
+            )
+        elif per_test is not None and self.solver == "lissa":
+            lines.append(f"per test sample: largest relative residual {per_test.residual:.2e}")
         if self.warning is not None:
             lines.append(f"warning: {self.warning}")
         lines.append(f"test loss {self.test_loss:.4f}")
@@ -259,90 +412,86 @@ def run_influence(
     **options: Any,
 ) -> InfluenceSummary:
     """Influence-function contributions C_IF(i) of every training sample to a test set at the
-    final weights, written to `influence/<test set>` (of the results store `out` when given).
+    weights of a checkpoint (`checkpoint`, default the last), and with `per_test` C_IF(i, j)
+    for each chosen test sample, written to `influence/<test set>` (of the results store `out`
+    when given).
 
     `config` is an InfluenceConfig, or the test set's name with its fields as keyword options.
     Warns with IndefiniteHessianWarning (and says so in the summary) when the damped Hessian has
     negative eigenvalues. `inputs`: the model, data and loss given in Python."""
+    if isinstance(options.get("per_test"), Sequence):
+        options["per_test"] = tuple(int(i) for i in options["per_test"])
     config = resolve_config(InfluenceConfig, config, options)
     config.validate()
     started = time.perf_counter()
     path = store_path(path)
-    run = load_recorded_run(path, config.test_set, inputs, dtype=torch.float64)
+    run = load_recorded_run(
+        path, config.test_set, inputs, dtype=torch.float64, checkpoint=config.checkpoint
+    )
+    chosen = chosen_test_samples(config.per_test, run.tests)
     results = results_root(path, out)
-    model, layout, loss, train = run.model, run.layout, run.loss, run.train
-    u, test_loss = mean_loss_gradient(
-        model, layout, run.tests.inputs, run.tests.targets, batch_size=config.batch_size, loss=loss
-    )
-    hessian = TrainingHessian(
-        model,
-        layout,
-        train.inputs,
-        train.targets,
-        get_flat_parameters(model, layout),
-        weight_decay=run.final_weight_decay,
-        loss=loss,
-        batch_size=config.batch_size,
-    )
-    inverse, spectrum = inverse_hessian_product(hessian, u, config, progress)
+    found = influence_contributions(run, config, chosen, progress)
+    inverse, spectrum = found.inverse, found.spectrum
     warning = None
-    if inverse.indefinite:
-        warning = indefinite_message(inverse, spectrum.damping)
+    if found.indefinite:
+        warning = indefinite_message(found.worst, spectrum.damping)
         warnings.warn(warning, IndefiniteHessianWarning, stacklevel=3)
-    dots = per_sample_directional_derivatives(
-        model,
-        layout,
-        train.inputs,
-        train.targets,
-        inverse.solution,
-        batch_size=config.batch_size,
-        loss=loss,
-    )
-    values = (dots / run.n_train).cpu().numpy()
     seconds = time.perf_counter() - started
-    step = int(run.trajectory.checkpoint_step[run.checkpoint])
     attrs = {
         "method": "influence functions (Koh & Liang)",
-        "config": dataclasses.asdict(config),
+        "config": config_attrs(config),
         "test_set": config.test_set,
-        "checkpoint": run.checkpoint,
-        "step": step,
+        **checkpoint_attrs(run),
         "n_train": run.n_train,
-        "weight_decay": run.final_weight_decay,
+        "weight_decay": run.weight_decay,
         "damping": spectrum.damping,
         "damping_automatic": spectrum.auto,
         "smallest_eigenvalue": spectrum.smallest,
         "largest_eigenvalue": spectrum.largest,
-        "test_loss": test_loss,
+        "test_loss": found.test_loss,
         "seconds": seconds,
-        "min_curvature": _finite_or_none(inverse.min_curvature),
+        "min_curvature": _finite_or_none(found.worst.min_curvature),
         "negative_share": inverse.negative_share,
         "undamped_negative_share": inverse.undamped_negative_share,
         "iterations": inverse.iterations,
         "residual": inverse.residual,
         "lissa_scale": inverse.scale,
-        "indefinite": bool(inverse.indefinite),
+        "indefinite": found.indefinite,
         "sign_convention": SIGN_CONVENTION,
     }
+    if found.per_test_inverse is not None:
+        attrs["per_test_iterations"] = found.per_test_inverse.iterations
+        attrs["per_test_residual"] = found.per_test_inverse.residual
     name = f"{INFLUENCE_GROUP}/{run.tests.name}"
-    long_name = "C(i) by influence functions at the final weights, (1/N) u . (H + damping I)^-1 g_i"
-    write_result_group(results, name, total_arrays(train, values, long_name), attrs)
+    long_name = "C(i) by influence functions, (1/N) u . (H + damping I)^-1 g_i"
+    arrays = total_arrays(run.train, found.total, long_name)
+    if found.per_test is not None:
+        arrays |= per_test_arrays(
+            run.tests,
+            chosen,
+            found.per_test,
+            "C(i, j) by influence functions, (1/N) g_j . (H + damping I)^-1 g_i",
+        )
+    write_result_group(results, name, arrays, attrs)
     return InfluenceSummary(
         path=results,
         group=name,
         test_set=run.tests.name,
         solver=config.solver,
-        weight_decay=run.final_weight_decay,
+        weight_decay=run.weight_decay,
         n_train=run.n_train,
-        n_params=layout.n_params,
+        n_params=run.layout.n_params,
         checkpoint=run.checkpoint,
-        step=step,
-        test_loss=test_loss,
+        step=run.step,
+        test_loss=found.test_loss,
         seconds=seconds,
         spectrum=spectrum,
         inverse=inverse,
-        total=values,
+        total=found.total,
         warning=warning,
+        per_test=found.per_test,
+        test=chosen if chosen.size else None,
+        per_test_inverse=found.per_test_inverse,
     )
 
 
@@ -359,12 +508,12 @@ def influence_label(attrs: dict[str, Any]) -> str:
 
 
 class InfluenceMethod(ContributionMethod):
-    """Influence functions at the final weights (`influence/<test set>`)."""
+    """Influence functions at the weights of a checkpoint (`influence/<test set>`)."""
 
     name = "influence"
     group = INFLUENCE_GROUP
     config_type = InfluenceConfig
-    description = "influence functions at the final weights (Koh & Liang)"
+    description = "influence functions at a checkpoint's weights (Koh & Liang)"
 
     def run(
         self,
@@ -382,3 +531,34 @@ class InfluenceMethod(ContributionMethod):
             return {}
         index, values, attrs = found
         return {influence_label(attrs): (index, values)}
+
+    def totals_at(
+        self,
+        path: Path,
+        checkpoints: Sequence[int],
+        config: InfluenceConfig,
+        *,
+        inputs: Any = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """C_IF(i) at the weights of each checkpoint (the damping chosen afresh at each when
+        automatic), as `run_influence` computes them; nothing written, no warning."""
+        config.validate()
+        run = load_recorded_run(path, config.test_set, inputs, dtype=torch.float64)
+        out = np.zeros((len(checkpoints), run.n_train))
+        for row, k in enumerate(checkpoints):
+            found = influence_contributions(run.at(k), config, np.zeros(0, dtype=np.int64))
+            out[row] = found.total
+            if progress is not None:
+                progress("influence over checkpoints", row + 1, len(checkpoints))
+        return out
+
+    def default_checkpoint_config(self, test_set: str) -> InfluenceConfig:
+        """Conjugate gradients with the automatic damping: on the default digits run as accurate
+        as the explicit solver to every printed digit at a twentieth of its cost
+        (docs/analysis.md, "Baselines")."""
+        return InfluenceConfig(test_set=test_set, solver="cg")
+
+    def config_label(self, config: InfluenceConfig) -> str:
+        damping = "automatic" if config.damping is None else f"{config.damping:g}"
+        return f"influence ({config.solver}, damping {damping})"

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,12 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from hydra_store.analysis.methods import ContributionMethod, MethodRegistry, default_methods
+from hydra_store.analysis.methods import (
+    MethodRegistry,
+    PerTestArray,
+    default_methods,
+    per_test_arrays,
+)
 from hydra_store.analysis.test_sets import group_name
 from hydra_store.analysis.validation import clear_context_cache, retrained_test_losses
 from hydra_store.arguments import LdsConfig, resolve_config
@@ -133,18 +138,6 @@ def lds_scores(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
 # -- what the store holds -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PerTestContributions:
-    """One (train or sample, test) array of C(i, j) in a method's result group."""
-
-    label: str  # "<group>:<variable>"
-    method: str  # the method's registry name
-    train: np.ndarray  # training-set index of each row
-    test: np.ndarray  # test-set index of each column
-    values: Any = field(repr=False)  # the zarr array, read lazily
-    long_name: str = ""
-
-
 def _at_last_checkpoint(attrs: Any, n_checkpoints: int) -> bool:
     """False when a result group says it was computed at a checkpoint before the last (its
     contributions then predict another model than the one the subsets retrain)."""
@@ -157,46 +150,13 @@ def _at_last_checkpoint(attrs: Any, n_checkpoints: int) -> bool:
     return True
 
 
-def _per_test_arrays(
-    root: zarr.Group, group: zarr.Group, method: ContributionMethod, prefix: str
-) -> list[PerTestContributions]:
-    """Every (train, test) or (sample, test) array of C(i, j) in a method's group, with the
-    group's `test` index and its `train` (or `sample`, which a recording keeps at its root)."""
-    if "test" not in group:
-        return []
-    test = np.asarray(group["test"][:], dtype=np.int64)
-    found = []
-    for key in sorted(group.array_keys()):
-        array = group[key]
-        dims = tuple(array.metadata.dimension_names or ())
-        if len(dims) != 2 or dims[1] != "test" or dims[0] not in ("train", "sample"):
-            continue
-        holder = group if dims[0] in group else root
-        if dims[0] not in holder:
-            continue
-        train = np.asarray(holder[dims[0]][:], dtype=np.int64)
-        if array.shape != (train.size, test.size):
-            continue
-        found.append(
-            PerTestContributions(
-                label=f"{prefix}:{key}",
-                method=method.name,
-                train=train,
-                test=test,
-                values=array,
-                long_name=str(array.attrs.get("long_name", "")),
-            )
-        )
-    return found
-
-
 def find_contributions(
     results: Path, test_set: str, methods: MethodRegistry, n_checkpoints: int
-) -> tuple[list[PerTestContributions], dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+) -> tuple[list[PerTestArray], dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """(per-test contributions, totals C(i) by label, what was skipped and why) of every method
     in `methods` that has results for `test_set` in `results`, at the last checkpoint."""
     root = open_group(results)
-    per_test: list[PerTestContributions] = []
+    per_test: list[PerTestArray] = []
     totals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     skipped: list[str] = []
     for method in methods:
@@ -210,7 +170,7 @@ def find_contributions(
         if not _at_last_checkpoint(group.attrs, n_checkpoints):
             skipped.append(f"{name} ({method.name}): computed at an earlier checkpoint")
             continue
-        per_test += _per_test_arrays(root, group, method, method.group)
+        per_test += per_test_arrays(group, method, root)
         totals.update(method.totals(results, test_set))
     return per_test, totals, skipped
 
@@ -310,7 +270,8 @@ def run_lds(
     module's docstring gives the definition). `config` is an LdsConfig, or the test set's name
     with its fields as keyword options. `inputs`: the model, data and loss given in Python
     (`hydra_store.RunInputs`), for a store that does not name them. `out`: a results store to
-    read the methods' results from and write the group to instead of the recording."""
+    read the methods' results from and write the group to instead of the recording. `device`:
+    where the retrainings run."""
     config = resolve_config(LdsConfig, config, options)
     config.validate()
     started = time.perf_counter()
@@ -333,7 +294,7 @@ def run_lds(
     jobs = [None, *masks]  # loss weights: all 1, then each subset's 0/1 mask
     losses = map_tasks(
         retrained_test_losses,
-        [(str(path), config.test_set, weights, inputs) for weights in jobs],
+        [(str(path), config.test_set, weights, inputs, config.device) for weights in jobs],
         scheduler=config.scheduler,
         progress=progress,
         description="LDS retraining on subsets",
@@ -409,10 +370,10 @@ def _safe(label: str, taken: set[str]) -> str:
 
 
 def _score_per_test(
-    per_test: list[PerTestContributions], masks: np.ndarray, measured: np.ndarray
+    per_test: list[PerTestArray], masks: np.ndarray, measured: np.ndarray
 ) -> tuple[list[MethodLds], dict[str, ArraySpec]]:
     n_test = measured.shape[1]
-    scored: list[tuple[PerTestContributions, np.ndarray, np.ndarray]] = []
+    scored: list[tuple[PerTestArray, np.ndarray, np.ndarray]] = []
     arrays: dict[str, ArraySpec] = {}
     taken: set[str] = set()
     for found in per_test:

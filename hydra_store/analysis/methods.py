@@ -5,7 +5,9 @@
 A method runs from a store and its own arguments dataclass, writes its results to its own group
 (`<group>/<test set>`, so re-running one method never touches another's results), and reads back
 its total contributions C(i) for `compare` and `validate` to score. Built in: `hydra` (the stored
-hypergradients, `analysis/`) and `hydra-exact` (reverse mode, `reverse/`). How to add one:
+hypergradients, `analysis/`) and `hydra-exact` (reverse mode, `reverse/`), and the baselines
+`influence`, `tracin`, `trak`. A method may also give its C(i) at any stored checkpoint without
+writing it (`totals_at`), which `compare` scores over checkpoints. How to add one:
 docs/design.md, "Adding a contribution method".
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,63 @@ class ContributionMethod(ABC):
     def totals(self, path: Path, test_set: str) -> Totals:
         """Its stored C(i) for a test set (empty when it has not run on it); `path` is where
         its results are: the recording, or the results store they were written to."""
+
+    # -- optional: C(i) at earlier checkpoints, for `compare` over checkpoints ------------------
+
+    def totals_at(
+        self,
+        path: Path,
+        checkpoints: Sequence[int],
+        config: Any,
+        *,
+        inputs: Any = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """C(i) of all N training samples at each of `checkpoints` (of the recording `path`),
+        (len(checkpoints), N) float64: what `run` would store with `config` at `checkpoint=k`,
+        computed without writing anything. A method that cannot leaves this out
+        (`scores_checkpoints` is then False)."""
+        raise NotImplementedError(f"method {self.name!r} gives no C(i) at other checkpoints")
+
+    @property
+    def scores_checkpoints(self) -> bool:
+        """Whether the method implements `totals_at`."""
+        return type(self).totals_at is not ContributionMethod.totals_at
+
+    def checkpoint_config(self, results: Path, test_set: str) -> tuple[Any, bool]:
+        """(the arguments `compare` scores it with over checkpoints, whether they are the ones it
+        last ran with on this test set): its stored `config` attribute in `results` (without
+        `per_test` and `checkpoint`), else `default_checkpoint_config`."""
+        stored = stored_config(results, f"{self.group}/{group_name(test_set)}", self.config_type)
+        if stored is None:
+            return self.default_checkpoint_config(test_set), False
+        names = {f.name for f in dataclasses.fields(stored)}
+        reset = {k: None for k in ("per_test", "checkpoint") if k in names}
+        return dataclasses.replace(stored, **reset), True
+
+    def default_checkpoint_config(self, test_set: str) -> Any:
+        """The arguments it is scored with over checkpoints when it has not run on the store."""
+        return self.config_type(test_set=test_set)
+
+    def config_label(self, config: Any) -> str:
+        """How `compare` names the method run with `config`."""
+        return self.name
+
+
+def stored_config(path: Path, group: str, kind: type) -> Any | None:
+    """The `config` attribute of a result group as a `kind` dataclass (unknown fields dropped,
+    lists as tuples), or None when the group or the attribute is absent."""
+    root = open_group(path)
+    try:
+        node = root[group]
+    except KeyError:
+        return None
+    attrs = node.attrs.get("config")
+    if not isinstance(attrs, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(kind)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items() if k in names}
+    return kind(**values)
 
 
 class StoredHypergradientMethod(ContributionMethod):
@@ -137,6 +196,50 @@ class ReverseModeMethod(ContributionMethod):
         approx = np.asarray(group["total_contribution_approx"][:], dtype=np.float64)
         index = np.arange(exact.size)
         return {self.EXACT: (index, exact), self.APPROXIMATE: (index, approx)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PerTestArray:
+    """One (train or sample, test) array of C(i, j) in a method's result group."""
+
+    label: str  # "<group>:<variable>"
+    method: str  # the method's registry name
+    train: np.ndarray  # training-set index of each row
+    test: np.ndarray  # test-set index of each column
+    values: Any = dataclasses.field(repr=False)  # the zarr array, read lazily
+    long_name: str = ""
+
+
+def per_test_arrays(group: Any, method: ContributionMethod, *holders: Any) -> list[PerTestArray]:
+    """Every (train, test) or (sample, test) array of C(i, j) in a method's result group, with the
+    group's `test` index and its `train` (or `sample`) index, taken from the group or else from
+    the first of `holders` that has it (a recording keeps `sample` at its root)."""
+    if "test" not in group:
+        return []
+    test = np.asarray(group["test"][:], dtype=np.int64)
+    found = []
+    for key in sorted(group.array_keys()):
+        array = group[key]
+        dims = tuple(array.metadata.dimension_names or ())
+        if len(dims) != 2 or dims[1] != "test" or dims[0] not in ("train", "sample"):
+            continue
+        holder = next((h for h in (group, *holders) if dims[0] in h), None)
+        if holder is None:
+            continue
+        train = np.asarray(holder[dims[0]][:], dtype=np.int64)
+        if array.shape != (train.size, test.size):
+            continue
+        found.append(
+            PerTestArray(
+                label=f"{method.group}:{key}",
+                method=method.name,
+                train=train,
+                test=test,
+                values=array,
+                long_name=str(array.attrs.get("long_name", "")),
+            )
+        )
+    return found
 
 
 class MethodRegistry:

@@ -249,11 +249,13 @@ def _direction_task(
     checkpoint: int,
     check: bool,
     inputs: RunInputs | None = None,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One dask task: a chunk of test directions over the whole trajectory (self-contained, so
-    that it runs the same on threads and on dask.distributed worker processes)."""
+    that it runs the same on threads and on dask.distributed worker processes), on `device`
+    (None: the CPU)."""
     trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
-    model = model_at_checkpoint(path, 0, inputs=inputs)
+    model = model_at_checkpoint(path, 0, inputs=inputs, device=device)
     data = load_run_data(path, inputs)
     result = adjoint_contributions(
         trajectory,
@@ -293,10 +295,11 @@ def _run_direction_chunks(
     scheduler: str | None,
     progress: Progress | None,
     inputs: RunInputs | None = None,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-test directions in chunks of DIRECTION_CHUNK, one dask task per chunk."""
     chunks = [
-        (str(path), directions[start : start + DIRECTION_CHUNK], checkpoint, True, inputs)
+        (str(path), directions[start : start + DIRECTION_CHUNK], checkpoint, True, inputs, device)
         for start in range(0, directions.shape[0], DIRECTION_CHUNK)
     ]
     results = map_tasks(
@@ -369,7 +372,11 @@ def run_exact_analysis(
     `scheduler`. `checkpoint` truncates the trajectory there (the test direction is taken at its
     weights). `inputs` gives the model, data and loss in Python (a store recorded around a
     user's loop that names none; `hydra_store.RunInputs`), checked against the store. `out`:
-    a results store to write `reverse/<test set>` to instead of the recording.
+    a results store to write `reverse/<test set>` to instead of the recording. `device`
+    ("cuda"): the model, the adjoint state and the (K, N) scores live on the GPU, each batch of
+    the replay is moved there, and the scores come back to host memory at the end; a run whose
+    dropout masks were drawn on one kind of device replays only on that kind
+    (`Trajectory.check_mask_device`).
     """
     if isinstance(options.get("per_test"), Sequence):
         options["per_test"] = tuple(int(i) for i in options["per_test"])
@@ -382,7 +389,7 @@ def run_exact_analysis(
     end = resolve_checkpoint(len(trajectory.checkpoint_step), config.checkpoint)
     data = load_run_data(path, inputs)
     tests = resolve_test_set(path, config.test_set, run=data)
-    model = model_at_checkpoint(path, end, inputs=inputs)
+    model = model_at_checkpoint(path, end, inputs=inputs, device=config.device)
     layout, loss = trajectory.layout, trajectory.loss
     u, test_loss = mean_loss_gradient(model, layout, tests.inputs, tests.targets, loss=loss)
     chosen = _select_test_samples(config.per_test, int(tests.targets.shape[0]))
@@ -393,7 +400,7 @@ def run_exact_analysis(
     arrays = _total_arrays(trajectory.n_train, data.train, result)
     if per_test_directions is not None:
         exact, approx = _run_direction_chunks(
-            path, per_test_directions, end, config.scheduler, progress, inputs
+            path, per_test_directions, end, config.scheduler, progress, inputs, config.device
         )
         arrays.update(_per_test_arrays(chosen, tests, exact, approx))
     seconds = time.perf_counter() - started

@@ -1,7 +1,7 @@
 """One `analyze` run of the stored hypergradients: test gradients, contributions, inter-class
-matrix, top influencers, sign clustering, noise scores and figures, written into
-`analysis/<test set>` of the store and swapped in atomically. The library never prints: progress
-goes through a callback."""
+matrix, top influencers, clustering (to find mislabelled samples), noise scores and figures,
+written into `analysis/<test set>` of the store and swapped in atomically. The library never
+prints: progress goes through a callback."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ import zarr
 from dask.callbacks import Callback
 from threadpoolctl import threadpool_limits
 
-from hydra_store.analysis.clustering import NoiseScores, noise_scores, sign_clusters
+from hydra_store.analysis.clustering import (
+    PAPER_FEATURES,
+    NoiseScores,
+    cluster_samples,
+    noise_scores,
+)
 from hydra_store.analysis.contributions import _as_dask, hypergradient_variables
 from hydra_store.analysis.figures import analysis_figures
 from hydra_store.analysis.influencers import extreme_samples, top_influencers
@@ -62,10 +67,12 @@ class AnalyzeSummary:
     class_names: list[str]
     interclass_diagonal_share: float  # share of classes whose own test class is their best
     n_suspects: int
-    noise: NoiseScores | None
+    noise: NoiseScores | None  # the suspects of `--cluster-features`
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     projected_width: int | None = None  # the projection's width, for a projected store
+    noise_paper: NoiseScores | None = None  # the paper's sign clustering
+    cluster_features: str = ""  # what `suspect` was clustered on (`--cluster-features`)
 
 
 class _TaskProgress(Callback):
@@ -282,7 +289,7 @@ class _AnalysisRun:
         self.write("test_class", names, ("test_class",))
         main = variables[0]
         extremes = self.timed("top influencers", self.influencers, totals[main], main)
-        suspects, noise = self.timed("sign clustering", self.clustering, totals[main], main)
+        suspects, noise = self.timed("clustering", self.clustering, totals[main], main)
         figures: list[Path] = []
         if self.config.figures:
             figures = self.timed(
@@ -318,7 +325,9 @@ class _AnalysisRun:
             class_names=list(self.test.class_names),
             interclass_diagonal_share=_diagonal_share(matrices[main]),
             n_suspects=int(suspects.sum()),
-            noise=noise,
+            noise=noise[0],
+            noise_paper=noise[1],
+            cluster_features=self.config.cluster_features,
             seconds=0.0,
             timings=self.timings,
         )
@@ -349,7 +358,8 @@ class _AnalysisRun:
     def test_gradients(self) -> None:
         """Per-sample test-loss gradients at a checkpoint (projected as the store's
         hypergradients are), in batches with torch.func, streamed to `test_gradient` one whole
-        chunk at a time."""
+        chunk at a time. With `device`, the model lives there and each batch is moved there;
+        the projected gradients come back to host memory batch by batch."""
         import torch
 
         from hydra_store.core.gradients import PerSampleGradients
@@ -358,12 +368,14 @@ class _AnalysisRun:
         from hydra_store.replay.recorded_run import model_at_checkpoint
 
         report = self.reporter("test gradients")
-        model = model_at_checkpoint(self.path, self.config.checkpoint, inputs=self.inputs)
+        model = model_at_checkpoint(
+            self.path, self.config.checkpoint, inputs=self.inputs, device=self.config.device
+        )
         model.eval()
         layout = ParameterLayout.from_model(model)
         projector = projector_from_attrs(self.ds.attrs.get("projection"), layout.n_params)
         per_sample = PerSampleGradients(model, layout, self.loss)
-        dtype = next(model.parameters()).dtype
+        dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         inputs, targets = self.test.inputs.to(dtype), self.test.targets
         n_test, width = len(targets), projector.width
@@ -384,7 +396,7 @@ class _AnalysisRun:
             stop = min(n_test, start + chunks[0])
             for b in range(start, stop, self.config.batch_size):
                 e = min(stop, b + self.config.batch_size)
-                loss, grads = per_sample(inputs[b:e], targets[b:e])
+                loss, grads = per_sample(inputs[b:e].to(device), targets[b:e].to(device))
                 block[b - start : e - start] = projector.project(grads).detach().cpu().numpy()
                 losses[b:e] = loss.detach().cpu().numpy()
                 report(e, n_test)
@@ -461,28 +473,55 @@ class _AnalysisRun:
         self.written += [*top.data_vars, "most_helpful", "most_harmful"]
         return extremes
 
-    def clustering(self, totals: np.ndarray, main: str) -> tuple[np.ndarray, NoiseScores | None]:
-        """Sign clustering (the paper's Table 4) and, with injected noise, its scores."""
-        report = self.reporter("sign clustering")
-        report(0, 1)
-        clusters = sign_clusters(
-            self.stored_contributions(),
-            self.labels,
-            totals,
-            n_tests=self.config.clusters_k,
-            seed=self.config.seed,
-        )
-        report(1, 1)
+    def clustering(
+        self, totals: np.ndarray, main: str
+    ) -> tuple[np.ndarray, tuple[NoiseScores | None, NoiseScores | None]]:
+        """Clustering on `--cluster-features` (`cluster`, `suspect`) and the paper's sign
+        clustering (`sign_cluster`, Table 4), and, with injected noise, the scores of both."""
+        report = self.reporter("clustering")
+        report(0, 2)
+        features = self.config.cluster_features
+
+        def split(chosen: str) -> xr.Dataset:
+            return cluster_samples(
+                self.stored_contributions(),
+                self.labels,
+                totals,
+                features=chosen,
+                n_tests=self.config.clusters_k,
+                seed=self.config.seed,
+                test_labels=self.test_labels,
+            )
+
+        clusters = split(features)
+        report(1, 2)
+        paper_clusters = clusters if features == PAPER_FEATURES else split(PAPER_FEATURES)
+        report(2, 2)
         suspect = clusters["suspect"].values
-        self.write("sign_cluster", clusters["sign_cluster"].values, ("sample",), source=main)
-        self.write("suspect", suspect, ("sample",), source=main)
-        self.write("cluster_test", clusters["cluster_test"].values, ("cluster_test",))
-        self.written += ["sign_cluster", "suspect"]
-        noise = None
-        if "is_noisy" in self.ds.variables:
-            noise = noise_scores(suspect, self.ds["is_noisy"].values, self.labels, totals)
-            self.group.attrs["noise_scores"] = noise.to_attrs()
-        return suspect, noise
+        self.write(
+            "cluster", clusters["cluster"].values, ("sample",), source=main, features=features
+        )
+        self.write("suspect", suspect, ("sample",), source=main, features=features)
+        self.write(
+            "sign_cluster",
+            paper_clusters["cluster"].values,
+            ("sample",),
+            source=main,
+            features=PAPER_FEATURES,
+        )
+        self.write("cluster_test", paper_clusters["cluster_test"].values, ("cluster_test",))
+        self.written += ["cluster", "suspect", "sign_cluster"]
+        if "is_noisy" not in self.ds.variables:
+            return suspect, (None, None)
+        is_noisy = self.ds["is_noisy"].values
+        features = self.config.cluster_features
+        noise = noise_scores(suspect, is_noisy, self.labels, totals, features)
+        paper = noise_scores(
+            paper_clusters["suspect"].values, is_noisy, self.labels, totals, PAPER_FEATURES
+        )
+        self.group.attrs["noise_scores"] = noise.to_attrs()
+        self.group.attrs["noise_scores_paper"] = paper.to_attrs()
+        return suspect, (noise, paper)
 
 
 def _diagonal_share(normalised: np.ndarray) -> float:
@@ -499,7 +538,8 @@ class SuspectsTable:
     """Training samples ranked from most harmful; `noise` is set when label noise was injected."""
 
     rows: Any  # pandas DataFrame: index, label, total_contribution, suspect[, is_noisy]
-    noise: dict[str, float] | None
+    noise: dict[str, Any] | None  # the scores of `analyze --cluster-features`
+    noise_paper: dict[str, Any] | None = None  # the scores of the paper's sign clustering
 
     def to_csv(self) -> str:
         return self.rows.to_csv(index=False)
@@ -545,4 +585,9 @@ def suspects(
         frame["is_noisy"] = root["is_noisy"].values.astype(bool)
     frame = frame.sort_values("total_contribution", kind="stable").reset_index(drop=True)
     noise = analysis.attrs.get("noise_scores")
-    return SuspectsTable(rows=frame, noise=dict(noise) if noise else None)
+    paper = analysis.attrs.get("noise_scores_paper")
+    return SuspectsTable(
+        rows=frame,
+        noise=dict(noise) if noise else None,
+        noise_paper=dict(paper) if paper else None,
+    )

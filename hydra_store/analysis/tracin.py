@@ -15,34 +15,43 @@ h`` with ``h ~ -sum_k L_k g_i(w_k)`` and u taken at each checkpoint: HyDRA's sca
 momentum; so does this (with momentum p its magnitudes are about (1 - p) times HyDRA's, which
 changes no rank and no sign). Each checkpoint's term is stored too (`checkpoint_contribution`).
 Cost per checkpoint: one test gradient and one forward-mode pass over the training set.
+
+`checkpoint` K sums over checkpoints 1..K only (the contribution to the model at K). Per test
+sample j (`per_test`), u(w_k) is replaced by the test sample's own loss gradient g_j(w_k):
+``C(i, j) = (1/N) sum_k L_k g_i(w_k) . g_j(w_k)``, whose mean over all test samples is C(i).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from hydra_store.analysis.baselines import (
+    PER_TEST,
     SIGN_CONVENTION,
+    TOTAL,
+    RecordedRun,
+    checkpoint_attrs,
+    chosen_test_samples,
+    config_attrs,
     extremes_lines,
     load_recorded_run,
+    per_test_arrays,
+    per_test_gradients,
     read_total,
     total_arrays,
+    training_dots,
 )
 from hydra_store.analysis.methods import ContributionMethod, Totals
-from hydra_store.analysis.test_sets import TestSet
+from hydra_store.analysis.reverse import resolve_checkpoint
 from hydra_store.arguments import TracInConfig, resolve_config
-from hydra_store.core.gradients import mean_loss_gradient, per_sample_directional_derivatives
-from hydra_store.data.datasets import Split
-from hydra_store.replay.recorded_run import RunInputs, model_at_checkpoint
-from hydra_store.replay.trajectory import Trajectory
+from hydra_store.core.gradients import mean_loss_gradient
+from hydra_store.replay.recorded_run import RunInputs
 from hydra_store.store.groups import write_result_group
 from hydra_store.store.integrity import reads_store
 from hydra_store.store.location import store_path
@@ -56,12 +65,14 @@ TRACIN_GROUP = "tracin"
 @dataclass(frozen=True)
 class TracInTerms:
     """Each checkpoint's term of C_TracIn: (K, N) for checkpoints 1..K, with their steps and
-    learning-rate sums L_k."""
+    learning-rate sums L_k; and, for chosen test samples, the per-test sum (N, T) (None when
+    none was chosen)."""
 
     terms: np.ndarray
     checkpoint: np.ndarray
     step: np.ndarray
     lr_sum: np.ndarray
+    per_test: np.ndarray | None = None
 
     @property
     def total(self) -> np.ndarray:
@@ -69,40 +80,51 @@ class TracInTerms:
 
 
 def tracin_terms(
-    trajectory: Trajectory,
-    model_at: Callable[[int], torch.nn.Module],
-    train: Split,
-    tests: TestSet,
+    run: RecordedRun,
     *,
+    last: int | None = None,
+    chosen: np.ndarray | None = None,
     batch_size: int = 1024,
     progress: Progress | None = None,
 ) -> TracInTerms:
-    """``(L_k / N) g_i(w_k) . u(w_k)`` for every stored checkpoint k >= 1 and every training
-    sample i; `model_at(k)` gives the model at checkpoint k (with whatever else the store keeps
-    there, e.g. buffers: `model_at_checkpoint`)."""
-    layout, loss, n = trajectory.layout, trajectory.loss, trajectory.n_train
+    """``(L_k / N) g_i(w_k) . u(w_k)`` for every stored checkpoint k in 1..`last` (None: the
+    last) and every training sample i; with `chosen` test samples, also the per-test sum
+    ``(1/N) sum_k L_k g_i(w_k) . g_j(w_k)``. The models come from `run.at(k)` (with whatever
+    else the store keeps at a checkpoint, e.g. buffers: `model_at_checkpoint`)."""
+    trajectory, n = run.trajectory, run.n_train
     lr = np.asarray(trajectory.group["lr"][:], dtype=np.float64)
     steps = trajectory.checkpoint_step
-    chosen = list(range(1, len(steps)))
-    terms = np.zeros((len(chosen), n), dtype=np.float64)
-    sums = np.zeros(len(chosen), dtype=np.float64)
-    for row, k in enumerate(chosen):
+    end = resolve_checkpoint(len(steps), last)
+    chosen = np.zeros(0, dtype=np.int64) if chosen is None else chosen
+    picked = list(range(1, end + 1))
+    terms = np.zeros((len(picked), n), dtype=np.float64)
+    per_test = np.zeros((n, chosen.size), dtype=np.float64) if chosen.size else None
+    sums = np.zeros(len(picked), dtype=np.float64)
+    for row, k in enumerate(picked):
         sums[row] = lr[int(steps[k - 1]) : int(steps[k])].sum()
-        model = model_at(k)
+        at = run.at(k)
         u, _ = mean_loss_gradient(
-            model, layout, tests.inputs, tests.targets, batch_size=batch_size, loss=loss
+            at.model,
+            at.layout,
+            at.tests.inputs,
+            at.tests.targets,
+            batch_size=batch_size,
+            loss=at.loss,
         )
-        dots = per_sample_directional_derivatives(
-            model, layout, train.inputs, train.targets, u, batch_size=batch_size, loss=loss
-        )
+        dots = training_dots(at, u[None], batch_size)[:, 0]
         terms[row] = dots.double().cpu().numpy() * (sums[row] / n)
+        if per_test is not None:
+            directions = per_test_gradients(at, chosen, batch_size)
+            block = training_dots(at, directions, batch_size)
+            per_test += block.double().cpu().numpy() * (sums[row] / n)
         if progress is not None:
-            progress("TracIn checkpoints", row + 1, len(chosen))
+            progress("TracIn checkpoints", row + 1, len(picked))
     return TracInTerms(
         terms=terms,
-        checkpoint=np.asarray(chosen, dtype=np.int64),
-        step=np.asarray([int(steps[k]) for k in chosen], dtype=np.int64),
+        checkpoint=np.asarray(picked, dtype=np.int64),
+        step=np.asarray([int(steps[k]) for k in picked], dtype=np.int64),
         lr_sum=sums,
+        per_test=per_test,
     )
 
 
@@ -117,13 +139,18 @@ class TracInSummary:
     n_checkpoints: int
     seconds: float
     total: np.ndarray = field(repr=False)
+    per_test: np.ndarray | None = field(default=None, repr=False)
+    test: np.ndarray | None = field(default=None, repr=False)
 
     def lines(self) -> list[str]:
+        written = f"{TOTAL}, checkpoint_contribution" + (
+            f", {PER_TEST} for {self.test.size} test samples" if self.test is not None else ""
+        )
         return [
             f"TracIn over {self.n_checkpoints} checkpoints (each weighted by the sum of its "
             f"segment's learning rates): all {self.n_train} training samples against test set "
             f"{self.test_set!r}, in {self.seconds:.1f} s",
-            f"written to {self.path}/{self.group}: total_contribution, checkpoint_contribution",
+            f"written to {self.path}/{self.group}: {written}",
             *extremes_lines(self.total),
         ]
 
@@ -139,19 +166,22 @@ def run_tracin(
     **options: Any,
 ) -> TracInSummary:
     """TracIn contributions of every training sample to a test set over the stored
-    checkpoints, written to `tracin/<test set>` (of the results store `out` when given).
+    checkpoints 1..`checkpoint` (default: all), and with `per_test` for each chosen test
+    sample, written to `tracin/<test set>` (of the results store `out` when given).
     `config` is a TracInConfig, or the test set's name with its fields as keyword options."""
+    if isinstance(options.get("per_test"), Sequence):
+        options["per_test"] = tuple(int(i) for i in options["per_test"])
     config = resolve_config(TracInConfig, config, options)
     config.validate()
     started = time.perf_counter()
     path = store_path(path)
-    run = load_recorded_run(path, config.test_set, inputs)
+    run = load_recorded_run(path, config.test_set, inputs, checkpoint=config.checkpoint)
+    chosen = chosen_test_samples(config.per_test, run.tests)
     results = results_root(path, out)
     found = tracin_terms(
-        run.trajectory,
-        lambda k: model_at_checkpoint(path, k, inputs=inputs),
-        run.train,
-        run.tests,
+        run,
+        last=run.checkpoint,
+        chosen=chosen,
         batch_size=config.batch_size,
         progress=progress,
     )
@@ -173,13 +203,21 @@ def run_tracin(
             {"long_name": "checkpoint k's term (L_k / N) g_i(w_k) . u(w_k)"},
         ),
     }
+    if found.per_test is not None:
+        arrays |= per_test_arrays(
+            run.tests,
+            chosen,
+            found.per_test,
+            "C(i, j) by TracIn: (1/N) sum_k L_k g_i(w_k) . g_j(w_k)",
+        )
     seconds = time.perf_counter() - started
     attrs = {
         "method": "TracIn (TracInCP over the stored checkpoints)",
-        "config": dataclasses.asdict(config),
+        "config": config_attrs(config),
         "test_set": config.test_set,
+        **checkpoint_attrs(run),
         "n_train": run.n_train,
-        "n_checkpoints": int(found.checkpoint.size),
+        "n_checkpoints_summed": int(found.checkpoint.size),
         "seconds": seconds,
         "sign_convention": SIGN_CONVENTION,
     }
@@ -193,6 +231,8 @@ def run_tracin(
         n_checkpoints=int(found.checkpoint.size),
         seconds=seconds,
         total=total,
+        per_test=found.per_test,
+        test=chosen if chosen.size else None,
     )
 
 
@@ -219,4 +259,25 @@ class TracInMethod(ContributionMethod):
         if found is None:
             return {}
         index, values, attrs = found
-        return {f"tracin ({attrs.get('n_checkpoints', '?')} checkpoints)": (index, values)}
+        count = attrs.get("n_checkpoints_summed", attrs.get("n_checkpoints", "?"))
+        return {f"tracin ({count} checkpoints)": (index, values)}
+
+    def totals_at(
+        self,
+        path: Path,
+        checkpoints: Sequence[int],
+        config: TracInConfig,
+        *,
+        inputs: Any = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """C_TracIn(i) summed over checkpoints 1..k for each k: the running sum of one pass
+        over the checkpoints up to the largest k."""
+        config.validate()
+        run = load_recorded_run(path, config.test_set, inputs)
+        wanted = [resolve_checkpoint(run.n_checkpoints, k) for k in checkpoints]
+        found = tracin_terms(
+            run, last=max(wanted, default=0), batch_size=config.batch_size, progress=progress
+        )
+        running = np.vstack([np.zeros((1, run.n_train)), np.cumsum(found.terms, axis=0)])
+        return running[wanted]

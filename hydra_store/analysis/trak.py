@@ -1,5 +1,5 @@
-"""A TRAK-style estimator at the final weights as a contribution method beside HyDRA: `analyze
---method trak`, written to `trak/<test set>`.
+"""A TRAK-style estimator at the weights of a checkpoint (default: the final ones) as a
+contribution method beside HyDRA: `analyze --method trak`, written to `trak/<test set>`.
 
     C_TRAK(i) = (1/N) phi_i . (Phi^T Phi / N + damping I)^{-1} phi_u
 
@@ -8,14 +8,15 @@ width K (`--project-dim`, the projector `record --project-dim` uses) and ``phi_u
 projected mean test gradient: the influence function with the Hessian replaced by the projected
 empirical Fisher, in HyDRA's scale and sign (positive: i helps). What it is and is not TRAK:
 core/trak.py (one model, no ensemble, loss gradients instead of margin gradients with the Q
-reweighting, CountSketch instead of a dense projection, no soft-thresholding).
+reweighting, CountSketch instead of a dense projection, no soft-thresholding). Per test sample
+j (`per_test`), phi_u is replaced by ``phi_j = R^T g_j``; their mean over all test samples is
+phi_u, so the mean of C(i, j) is C(i).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,24 @@ from typing import Any
 import numpy as np
 
 from hydra_store.analysis.baselines import (
+    PER_TEST,
     SIGN_CONVENTION,
+    TOTAL,
+    RecordedRun,
+    checkpoint_attrs,
+    chosen_test_samples,
+    config_attrs,
     extremes_lines,
     load_recorded_run,
+    per_test_arrays,
+    per_test_gradients,
     read_total,
     total_arrays,
 )
 from hydra_store.analysis.methods import ContributionMethod, Totals
 from hydra_store.arguments import TrakConfig, resolve_config
 from hydra_store.core.gradients import mean_loss_gradient
+from hydra_store.core.projection import Projector
 from hydra_store.core.trak import projected_gradients, trak_projector, trak_scores
 from hydra_store.replay.recorded_run import RunInputs
 from hydra_store.store.groups import write_result_group
@@ -45,54 +55,23 @@ TRAK_GROUP = "trak"
 
 
 @dataclass
-class TrakSummary:
-    """What `run_trak` computed and where it wrote it."""
+class TrakResult:
+    """C_TRAK of every training sample at one checkpoint: the total, per test sample when
+    asked (None otherwise), and the projector used."""
 
-    path: Path
-    group: str
-    test_set: str
-    n_train: int
-    n_params: int
-    width: int
-    damping: float
-    seconds: float
-    total: np.ndarray = field(repr=False)
-
-    def lines(self) -> list[str]:
-        projection = (
-            f"projected to K = {self.width} by a tensor sketch"
-            if self.width < self.n_params
-            else "not projected"
-        )
-        return [
-            f"TRAK-style scores at the final weights (one model; per-sample gradients of "
-            f"{self.n_params} parameters {projection}, damping {self.damping:g}): all "
-            f"{self.n_train} training samples against test set {self.test_set!r}, in "
-            f"{self.seconds:.1f} s",
-            f"written to {self.path}/{self.group}: total_contribution",
-            *extremes_lines(self.total),
-        ]
+    total: np.ndarray
+    per_test: np.ndarray | None
+    projector: Projector
 
 
-@reads_store
-def run_trak(
-    path: str | Path,
-    config: TrakConfig | str = "test",
-    *,
+def trak_contributions(
+    run: RecordedRun,
+    config: TrakConfig,
+    chosen: np.ndarray,
     progress: Progress | None = None,
-    inputs: RunInputs | None = None,
-    out: str | Path | None = None,
-    **options: Any,
-) -> TrakSummary:
-    """TRAK-style contributions of every training sample to a test set at the final weights,
-    written to `trak/<test set>` (of the results store `out` when given). `config` is a
-    TrakConfig, or the test set's name with its fields as keyword options."""
-    config = resolve_config(TrakConfig, config, options)
-    config.validate()
-    started = time.perf_counter()
-    path = store_path(path)
-    run = load_recorded_run(path, config.test_set, inputs)
-    results = results_root(path, out)
+) -> TrakResult:
+    """C_TRAK(i) = (1/N) phi_i . (Phi^T Phi / N + damping I)^{-1} phi_u at the run's checkpoint,
+    and for each chosen test sample j the same with phi_j = R^T g_j in place of phi_u."""
     model, layout, loss = run.model, run.layout, run.loss
     projector = trak_projector(model, config.project_dim, config.seed)
     features = projected_gradients(
@@ -107,35 +86,116 @@ def run_trak(
     )
     u, _ = mean_loss_gradient(model, layout, run.tests.inputs, run.tests.targets, loss=loss)
     direction = projector.project(u[None])[0]
-    values = trak_scores(features, direction, config.damping).numpy()
+    total = trak_scores(features, direction, config.damping).numpy()
+    per_test = None
+    if chosen.size:
+        gradients = per_test_gradients(run, chosen, config.batch_size)
+        per_test = trak_scores(features, projector.project(gradients), config.damping).numpy()
+    return TrakResult(total, per_test, projector)
+
+
+@dataclass
+class TrakSummary:
+    """What `run_trak` computed and where it wrote it."""
+
+    path: Path
+    group: str
+    test_set: str
+    n_train: int
+    n_params: int
+    width: int
+    damping: float
+    checkpoint: int
+    step: int
+    seconds: float
+    total: np.ndarray = field(repr=False)
+    per_test: np.ndarray | None = field(default=None, repr=False)
+    test: np.ndarray | None = field(default=None, repr=False)
+
+    def lines(self) -> list[str]:
+        projection = (
+            f"projected to K = {self.width} by a tensor sketch"
+            if self.width < self.n_params
+            else "not projected"
+        )
+        written = TOTAL + (
+            f", {PER_TEST} for {self.test.size} test samples" if self.test is not None else ""
+        )
+        return [
+            f"TRAK-style scores at checkpoint {self.checkpoint} (step {self.step}; one model; "
+            f"per-sample gradients of {self.n_params} parameters {projection}, damping "
+            f"{self.damping:g}): all {self.n_train} training samples against test set "
+            f"{self.test_set!r}, in {self.seconds:.1f} s",
+            f"written to {self.path}/{self.group}: {written}",
+            *extremes_lines(self.total),
+        ]
+
+
+@reads_store
+def run_trak(
+    path: str | Path,
+    config: TrakConfig | str = "test",
+    *,
+    progress: Progress | None = None,
+    inputs: RunInputs | None = None,
+    out: str | Path | None = None,
+    **options: Any,
+) -> TrakSummary:
+    """TRAK-style contributions of every training sample to a test set at the weights of a
+    checkpoint (`checkpoint`, default the last), and with `per_test` for each chosen test
+    sample, written to `trak/<test set>` (of the results store `out` when given). `config` is
+    a TrakConfig, or the test set's name with its fields as keyword options."""
+    if isinstance(options.get("per_test"), Sequence):
+        options["per_test"] = tuple(int(i) for i in options["per_test"])
+    config = resolve_config(TrakConfig, config, options)
+    config.validate()
+    started = time.perf_counter()
+    path = store_path(path)
+    run = load_recorded_run(path, config.test_set, inputs, checkpoint=config.checkpoint)
+    chosen = chosen_test_samples(config.per_test, run.tests)
+    results = results_root(path, out)
+    found = trak_contributions(run, config, chosen, progress)
     seconds = time.perf_counter() - started
     attrs = {
         "method": "TRAK-style (one model, projected loss gradients)",
-        "config": dataclasses.asdict(config),
+        "config": config_attrs(config),
         "test_set": config.test_set,
+        **checkpoint_attrs(run),
         "n_train": run.n_train,
-        "projection": projector.to_attrs(),
+        "projection": found.projector.to_attrs(),
         "seconds": seconds,
         "sign_convention": SIGN_CONVENTION,
     }
     name = f"{TRAK_GROUP}/{run.tests.name}"
     long_name = "C(i) TRAK-style: (1/N) phi_i . (Phi^T Phi / N + damping I)^-1 phi_u"
-    write_result_group(results, name, total_arrays(run.train, values, long_name), attrs)
+    arrays = total_arrays(run.train, found.total, long_name)
+    if found.per_test is not None:
+        arrays |= per_test_arrays(
+            run.tests,
+            chosen,
+            found.per_test,
+            "C(i, j) TRAK-style: (1/N) phi_i . (Phi^T Phi / N + damping I)^-1 phi_j",
+        )
+    write_result_group(results, name, arrays, attrs)
     return TrakSummary(
         path=results,
         group=name,
         test_set=run.tests.name,
         n_train=run.n_train,
-        n_params=layout.n_params,
-        width=projector.width,
+        n_params=run.layout.n_params,
+        width=found.projector.width,
         damping=config.damping,
+        checkpoint=run.checkpoint,
+        step=run.step,
         seconds=seconds,
-        total=values,
+        total=found.total,
+        per_test=found.per_test,
+        test=chosen if chosen.size else None,
     )
 
 
 class TrakMethod(ContributionMethod):
-    """A TRAK-style estimator at the final weights (`trak/<test set>`)."""
+    """A TRAK-style estimator at the weights of a checkpoint (`trak/<test set>`)."""
 
     name = "trak"
     group = TRAK_GROUP
@@ -160,3 +220,26 @@ class TrakMethod(ContributionMethod):
         width = (attrs.get("projection") or {}).get("width", "?")
         damping = (attrs.get("config") or {}).get("damping", float("nan"))
         return {f"trak-style (K={width}, damping {damping:g})": (index, values)}
+
+    def totals_at(
+        self,
+        path: Path,
+        checkpoints: Sequence[int],
+        config: TrakConfig,
+        *,
+        inputs: Any = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """C_TRAK(i) at the weights of each checkpoint (the same projector at each), as
+        `run_trak` computes them; nothing written."""
+        config.validate()
+        run = load_recorded_run(path, config.test_set, inputs)
+        out = np.zeros((len(checkpoints), run.n_train))
+        for row, k in enumerate(checkpoints):
+            out[row] = trak_contributions(run.at(k), config, np.zeros(0, dtype=np.int64)).total
+            if progress is not None:
+                progress("TRAK-style over checkpoints", row + 1, len(checkpoints))
+        return out
+
+    def config_label(self, config: TrakConfig) -> str:
+        return f"trak-style (K={config.project_dim}, damping {config.damping:g})"

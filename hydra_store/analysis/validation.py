@@ -22,9 +22,9 @@ import torch
 from hydra_store.analysis.comparison import exact_totals
 from hydra_store.analysis.methods import MethodRegistry, default_methods
 from hydra_store.analysis.metrics import pearson, spearman
-from hydra_store.analysis.reverse import flush_denormals
+from hydra_store.analysis.reverse import flush_denormals, read_reverse_group, run_exact_analysis
 from hydra_store.analysis.test_sets import group_name, resolve_test_set
-from hydra_store.arguments import SELECTIONS, ValidateConfig, resolve_config
+from hydra_store.arguments import SELECTIONS, ReverseConfig, ValidateConfig, resolve_config
 from hydra_store.core.gradients import evaluate, evaluation_mode, weighted_batch_gradient
 from hydra_store.core.losses import PerSampleLoss
 from hydra_store.core.model_state import step_randomness
@@ -101,11 +101,16 @@ def _context(path: str, test_set: str, inputs: RunInputs | None):
 
 
 def retrained_test_loss(
-    path: str, test_set: str, weights: dict[int, float], inputs: RunInputs | None = None
+    path: str,
+    test_set: str,
+    weights: dict[int, float],
+    inputs: RunInputs | None = None,
+    device: str | None = None,
 ) -> float:
-    """One task: retrain with the given per-sample loss weights (others 1); the test loss."""
+    """One task: retrain with the given per-sample loss weights (others 1) on `device` (None:
+    the CPU); the test loss."""
     trajectory, train, tests, batches, settings = _context(path, test_set, inputs)
-    model = model_at_checkpoint(path, 0, inputs=inputs)
+    model = model_at_checkpoint(path, 0, inputs=inputs, device=device)
     sample_weights = np.ones(trajectory.n_train)
     for i, w in weights.items():
         sample_weights[i] = w
@@ -141,11 +146,13 @@ def retrained_test_losses(
     test_set: str,
     sample_weights: np.ndarray | None,
     inputs: RunInputs | None = None,
+    device: str | None = None,
 ) -> np.ndarray:
-    """One task: retrain with the per-sample loss weights `sample_weights` (N,) (None: all 1);
-    the loss of every test sample, (n_test,) float64 (what `retrained_test_loss` averages)."""
+    """One task: retrain with the per-sample loss weights `sample_weights` (N,) (None: all 1)
+    on `device` (None: the CPU); the loss of every test sample, (n_test,) float64 (what
+    `retrained_test_loss` averages)."""
     trajectory, train, tests, batches, settings = _context(path, test_set, inputs)
-    model = model_at_checkpoint(path, 0, inputs=inputs)
+    model = model_at_checkpoint(path, 0, inputs=inputs, device=device)
     with flush_denormals():
         retrain_weighted(
             trajectory, model, train, sample_weights, batches=batches, settings=settings
@@ -230,20 +237,27 @@ def run_validation(
     `reverse/<test set>/validation`. `config` is a ValidateConfig, or the test set's name with
     its fields as keyword options. `inputs`: the model, data and loss given in Python
     (`hydra_store.RunInputs`), for a store that does not name them. `out`: a results store to
-    read and write the result groups in instead of the recording."""
+    read and write the result groups in instead of the recording. `device`: where the
+    retrainings run (each task moves its model there and each batch as it is drawn), and the
+    reverse sweep when `reverse/<test set>` is not stored yet."""
     config = resolve_config(ValidateConfig, config, options)
     config.validate()
     started = time.perf_counter()
     path = store_path(path)
     require_complete(open_group(path), path)
-    exact, _, _ = exact_totals(path, config.test_set, progress, inputs, out)
     results = results_root(path, out)
+    stored = read_reverse_group(results, config.test_set)
+    if stored is None or "total_contribution_exact" not in stored:
+        # What exact_totals would run, on the device asked for.
+        reverse = ReverseConfig(test_set=config.test_set, device=config.device)
+        run_exact_analysis(path, reverse, progress=progress, inputs=inputs, out=out)
+    exact, _, _ = exact_totals(path, config.test_set, progress, inputs, out)
     _context.cache_clear()  # the store may have changed since an earlier call in this process
     chosen = choose_samples(exact, config.samples, config.selection, config.seed)
     jobs = [{}] + [{int(i): 0.0} for i in chosen]
     losses = map_tasks(
         retrained_test_loss,
-        [(str(path), config.test_set, job, inputs) for job in jobs],
+        [(str(path), config.test_set, job, inputs, config.device) for job in jobs],
         scheduler=config.scheduler,
         progress=progress,
         description="leave-one-out retraining",

@@ -6,7 +6,8 @@ Weighting sample i's loss by ``1 + N eps_i`` (the recorder's perturbation) adds 
 at a minimum ``grad J(w*) + eps_i g_i(w*) = 0``, so ``dw*/d eps_i = -H^{-1} g_i`` with ``H = hess
 J``. The analysis (analysis/influence.py) takes ``C(i) = -(1/N) u . dw*/d eps_i = (1/N) u . H^{-1}
 g_i`` with ``H`` damped by ``delta I``; H is symmetric, so one solve ``v = H^{-1} u`` serves every
-training sample, and ``C(i) = (1/N) g_i . v``.
+training sample, and ``C(i) = (1/N) g_i . v``. Per test sample j the same with g_j for u: one
+solve per test sample, which every solver below takes for a block of right-hand sides at once.
 
 Solvers (all three solve the same damped system ``A x = b``, ``A = H + delta I``):
 
@@ -191,39 +192,53 @@ def conjugate_gradient(
     max_iterations: int = 1000,
     progress: Progress | None = None,
 ) -> InverseResult:
-    """Solve ``A x = b`` (b: (P,)) by conjugate gradients, `apply` giving A v for rows v of a
-    (1, P) tensor; stops when ``|r| <= tolerance |b|`` or after `max_iterations`. On an
-    indefinite A it carries on (the iteration is still defined unless p.Ap = 0) and reports the
-    negative curvature it met."""
-    x = torch.zeros_like(b)
-    r = b.clone()
+    """Solve ``A x = b`` by conjugate gradients, `apply` giving A v for the rows v of a (K, P)
+    tensor. b is (P,), or (K, P) for K independent systems solved side by side (one block
+    product per iteration for the rows not yet converged; each row takes the steps it would take
+    alone, up to rounding). A row stops when ``|r| <= tolerance |b|``, all after `max_iterations`.
+    On an indefinite A it carries on (the iteration is still defined unless p.Ap = 0) and reports
+    the negative curvature it met. For K rows, `residual` is the largest relative residual,
+    `iterations` the most any row took and `converged` whether all did."""
+    single = b.ndim == 1
+    rhs = b[None] if single else b
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
     p = r.clone()
-    rs = float(r @ r)
-    b_norm = math.sqrt(rs)
-    if b_norm == 0:
-        return InverseResult(x, math.inf, residual=0.0)
+    rs = (r * r).sum(1)
+    b_norm = rs.sqrt()
+    active = b_norm > 0
     min_curvature = math.inf
     iterations = 0
-    for iterations in range(1, max_iterations + 1):
-        ap = apply(p[None])[0]
-        pap = float(p @ ap)
-        min_curvature = min(min_curvature, pap / float(p @ p))
-        if pap == 0:
+    for step in range(1, max_iterations + 1):
+        rows = active.nonzero()[:, 0]
+        if rows.numel() == 0:
             break
-        alpha = rs / pap
-        x = x + alpha * p
-        r = r - alpha * ap
-        rs_new = float(r @ r)
+        iterations = step
+        p_rows = p[rows]
+        ap = apply(p_rows)
+        pap = (p_rows * ap).sum(1)
+        min_curvature = min(min_curvature, float((pap / (p_rows * p_rows).sum(1)).min()))
+        stalled = pap == 0
+        alpha = torch.where(stalled, torch.zeros_like(pap), rs[rows] / torch.where(stalled, 1, pap))
+        x[rows] += alpha[:, None] * p_rows
+        r_rows = r[rows] - alpha[:, None] * ap
+        r[rows] = r_rows
+        rs_new = (r_rows * r_rows).sum(1)
+        done = stalled | (rs_new.sqrt() <= tolerance * b_norm[rows])
+        p[rows] = r_rows + (rs_new / rs[rows])[:, None] * p_rows
+        rs[rows] = rs_new
+        active[rows[done]] = False
         if progress is not None:
-            progress("conjugate gradients", iterations, max_iterations)
-        if math.sqrt(rs_new) <= tolerance * b_norm:
-            rs = rs_new
-            break
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-    residual = float(torch.linalg.vector_norm(b - apply(x[None])[0])) / b_norm
+            progress("conjugate gradients", step, max_iterations)
+    if bool((b_norm == 0).all()):
+        residuals = torch.zeros_like(b_norm)
+    else:
+        residuals = torch.linalg.vector_norm(rhs - apply(x), dim=1) / torch.where(
+            b_norm > 0, b_norm, 1
+        )
+    residual = float(residuals.max())
     return InverseResult(
-        x,
+        x[0] if single else x,
         min_curvature,
         iterations=iterations,
         residual=residual,
@@ -248,24 +263,31 @@ def lissa(
     ``h_j = b + h_{j-1} - (H_batch + damping I) h_{j-1} / scale`` with H_batch the Hessian on
     `batch_size` samples drawn afresh at each step (`apply_batch(vectors, index)`, index None
     for all samples), averaged as
-    ``h_depth / scale``. It converges when every eigenvalue of the damped minibatch Hessians
-    lies in (0, 2 scale); a recursion that grows faster than its convergent bound ``|h_j| <=
-    (j + 1) |b|`` is stopped with AnalysisError (the scale is too small)."""
+    ``h_depth / scale``. b is (P,), or (K, P): K right-hand sides carried through the same
+    minibatches (one block product per step), so that the estimate is linear in b -- the
+    solution for the mean of the rows is the mean of their solutions. It converges when every
+    eigenvalue of the damped minibatch Hessians lies in (0, 2 scale); a recursion that grows
+    faster than its convergent bound ``|h_j| <= (j + 1) |b|`` is stopped with AnalysisError
+    (the scale is too small)."""
     generator = torch.Generator().manual_seed(seed)
-    b_norm = float(torch.linalg.vector_norm(b))
+    single = b.ndim == 1
+    rhs = b[None] if single else b
+    b_norm = torch.linalg.vector_norm(rhs, dim=1)
     estimates = []
     done, total = 0, depth * repeats
     for _ in range(repeats):
-        h = b.clone()
+        h = rhs.clone()
         for j in range(1, depth + 1):
             if batch_size >= n_samples:
                 index = None
             else:
                 index = torch.randperm(n_samples, generator=generator)[:batch_size]
-            h = b + h - (apply_batch(h[None], index)[0] + damping * h) / scale
+            h = rhs + h - (apply_batch(h, index) + damping * h) / scale
             if j % 50 == 0 or j == depth:
-                norm = float(torch.linalg.vector_norm(h))
-                if not math.isfinite(norm) or norm > 4 * (j + 1) * b_norm:
+                norm = torch.linalg.vector_norm(h, dim=1)
+                if not bool(torch.isfinite(norm).all()) or bool(
+                    (norm > 4 * (j + 1) * b_norm).any()
+                ):
                     raise AnalysisError(
                         f"LiSSA diverged after {j} steps (scale {scale:.4g} is below the "
                         "largest eigenvalue of the damped minibatch Hessians, or the Hessian "
@@ -276,7 +298,9 @@ def lissa(
                 progress("LiSSA", done, total)
         estimates.append(h / scale)
     solution = torch.stack(estimates).mean(0)
-    return InverseResult(solution, math.nan, iterations=total, scale=scale)
+    return InverseResult(
+        solution[0] if single else solution, math.nan, iterations=total, scale=scale
+    )
 
 
 def lanczos_extremes(

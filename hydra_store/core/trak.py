@@ -90,7 +90,9 @@ def projected_gradients(
 
 def trak_scores(features: torch.Tensor, direction: torch.Tensor, damping: float) -> torch.Tensor:
     """``(1/N) phi_i . (Phi^T Phi / N + damping I)^{-1} phi_u`` for every row phi_i of
-    `features` (N, K), float64, by a Cholesky solve of the K x K system."""
+    `features` (N, K), float64, by a Cholesky solve of the K x K system: (N,) for one direction
+    phi_u (K,), or (N, T) for T directions given as the rows of a (T, K) tensor (per test
+    sample: phi_j = R^T g_j)."""
     if not damping > 0:
         raise InvalidArgumentError(f"the TRAK damping must be positive, got {damping}")
     phi = features.to(torch.float64)
@@ -99,6 +101,8 @@ def trak_scores(features: torch.Tensor, direction: torch.Tensor, damping: float)
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         raise AnalysisError("the projected Gram matrix is not positive definite; raise --damping")
-    target = direction.to(torch.float64).reshape(k, 1)
-    solved = torch.cholesky_solve(target, factor)[:, 0]
-    return phi @ solved / max(1, n)
+    single = direction.ndim == 1
+    target = direction.to(torch.float64).reshape(-1, k).T
+    solved = torch.cholesky_solve(target, factor)
+    scores = phi @ solved / max(1, n)
+    return scores[:, 0] if single else scores

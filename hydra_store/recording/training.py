@@ -13,6 +13,7 @@ import torch
 
 from hydra_store.arguments import RecordConfig
 from hydra_store.core.gradients import evaluate
+from hydra_store.core.lr_schedules import EpochSchedule
 from hydra_store.core.sketched_gradients import tensor_sketch_projector
 from hydra_store.data.datasets import DatasetBundle
 from hydra_store.data.models import build_model
@@ -24,7 +25,6 @@ from hydra_store.recording.durable import (
     kill_point,
     write_durable_point,
 )
-from hydra_store.recording.lr_schedules import EpochSchedule
 from hydra_store.recording.memory import StatePlan, parse_size
 from hydra_store.recording.partitions import TrainingData
 from hydra_store.recording.recorder import EpochRecord, HydraRecorder

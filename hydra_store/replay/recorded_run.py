@@ -247,9 +247,11 @@ def model_at_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     inputs: RunInputs | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.nn.Module:
     """The recorded model with the weights and running statistics of a checkpoint (default: the
-    last one), in training mode; built by `inputs` when given, else from the store's config."""
+    last one), in training mode; built by `inputs` when given, else from the store's config.
+    `device`: where it is moved once its state is set (None: left where it was built)."""
     group = open_group(path)
     weights = group["weights"]
     n_checkpoints = weights.shape[0]
@@ -292,4 +294,4 @@ def model_at_checkpoint(
                 f"{path}; give the model that was trained"
             )
         buffer_layout.assign(model, np.asarray(group["buffers"][checkpoint]))
-    return model
+    return model if device is None else model.to(device)

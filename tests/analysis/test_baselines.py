@@ -12,8 +12,11 @@ import pytest
 import xarray as xr
 
 from hydra_store.analysis.comparison import run_comparison
+from hydra_store.analysis.lds import find_contributions
 from hydra_store.analysis.methods import default_methods
 from hydra_store.analysis.validation import run_validation
+from hydra_store.arguments import InfluenceConfig, TracInConfig, TrakConfig
+from hydra_store.errors import InvalidArgumentError
 from hydra_store.store.format import open_group
 
 
@@ -60,3 +63,50 @@ def test_compare_and_validate_score_every_baseline(run_copy):
     after = registry.totals(run_copy, "test")
     for label in labels:
         np.testing.assert_array_equal(after[label][1], before[label][1])
+
+
+def test_per_test_contributions_are_found_and_truncated_results_are_not_scored(run_copy):
+    """Every baseline's per-test C(i, j) is `contribution` (train, test) float64 beside `test`,
+    where the LDS (and the clustering) find it; one computed before the last checkpoint is left
+    out of the LDS, compare and validate alike."""
+    registry = default_methods()
+    chosen = (4, 0, 9)
+    for name in ("influence", "tracin", "trak"):
+        method = registry[name]
+        options = {"per_test": chosen, "solver": "cg", "project_dim": 64}
+        method.run(run_copy, method.config_from_options(options))
+        group = open_group(run_copy)[f"{method.group}/test"]
+        assert group["contribution"].metadata.dimension_names == ("train", "test")
+        assert group["contribution"].dtype == np.float64
+        assert group["contribution"].shape == (200, 3)
+        np.testing.assert_array_equal(group["test"][:], chosen)
+        assert group.attrs["config"]["per_test"] == list(chosen)
+    per_test, totals, skipped = find_contributions(run_copy, "test", registry, 4)
+    assert {c.label for c in per_test} == {
+        "influence:contribution",
+        "tracin:contribution",
+        "trak:contribution",
+    }
+    assert len(totals) == 3 and skipped == []
+
+    registry["tracin"].run(run_copy, TracInConfig(checkpoint=1, per_test=chosen))
+    per_test, totals, skipped = find_contributions(run_copy, "test", registry, 4)
+    assert "tracin:contribution" not in {c.label for c in per_test}
+    assert skipped == ["tracin/test (tracin): computed at an earlier checkpoint"]
+    assert not any(label.startswith("tracin") for label in registry.totals(run_copy, "test"))
+    validation = run_validation(run_copy, "test", samples=3)
+    assert not any(c.method.startswith("tracin") for c in validation.correlations)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (InfluenceConfig(per_test=0), "--per-test must be at least 1, got 0"),
+        (TracInConfig(per_test=True), "--per-test must be a count or a tuple"),
+        (TrakConfig(per_test=[1, 2]), "--per-test must be a count or a tuple"),
+        (TrakConfig(checkpoint=1.5), "--checkpoint must be an integer, got 1.5"),
+    ],
+)
+def test_bad_checkpoint_and_per_test_are_refused(config, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        config.validate()

@@ -10,8 +10,12 @@ import typer
 import xarray as xr
 from typer.testing import CliRunner
 
-from hydra_store.analysis.comparison import run_comparison
+from hydra_store.analysis.comparison import HYDRA_CURVE, run_comparison
+from hydra_store.analysis.influence import run_influence
 from hydra_store.analysis.metrics import pearson, sign_error_rate, spearman
+from hydra_store.analysis.reverse import run_exact_analysis
+from hydra_store.analysis.tracin import run_tracin
+from hydra_store.analysis.trak import run_trak
 from hydra_store_cli.reverse import register
 
 
@@ -33,7 +37,7 @@ def test_run_comparison(float64_run, tmp_path):
     path = tmp_path / "copy.zarr"
     shutil.copytree(float64_run.path, path)
     png = tmp_path / "curves.png"
-    summary = run_comparison(path, "test", png=png)
+    summary = run_comparison(path, "test", png=png, checkpoint_methods=("tracin",))
     assert summary.computed_exact
     assert png.is_file() and png.stat().st_size > 1000
     assert summary.checkpoint_step.tolist() == [7, 14, 21]
@@ -41,9 +45,59 @@ def test_run_comparison(float64_run, tmp_path):
     assert 0 <= approx.sign_error < 0.5 and approx.spearman > 0.5
     # the last checkpoint of the curve is the end-of-training score
     assert summary.checkpoint_spearman[-1] == pytest.approx(approx.spearman, rel=1e-12)
+    # a method that has not run on the store is scored with its defaults
+    assert summary.study.labels == [HYDRA_CURVE, "tracin"]
+    assert summary.study.stored == [True, False]
     ds = xr.open_zarr(str(path), group="reverse/test/comparison")
     assert ds["sign_error"].dims == ("method",)
-    assert any("paper" in line for line in summary.lines())
+    assert ds["spearman_over_checkpoints"].dims == ("checkpoint_method", "checkpoint")
+    assert ds["spearman_over_checkpoints"].shape == (2, 3)
+    np.testing.assert_array_equal(ds["checkpoint"].values, [1, 2, 3])
+    np.testing.assert_array_equal(
+        ds["spearman_over_checkpoints"].values[0], ds["checkpoint_spearman"].values
+    )
+    assert any("paper, influence functions" in line for line in summary.lines())
+
+
+def test_every_baseline_over_checkpoints(float64_run, tmp_path):
+    """Influence functions, TracIn and TRAK-style over checkpoints, with the settings each last
+    ran with: at the last checkpoint each curve is the end-of-training score; at checkpoint 1
+    the influence curve scores what `analyze --method influence --checkpoint 1` stores against
+    what `analyze --method hydra-exact --checkpoint 1` stores."""
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(float64_run.path, path)
+    run_influence(path, "test", solver="cg", damping=1.0, per_test=3)
+    run_tracin(path, "test")
+    run_trak(path, "test", project_dim=64)
+    summary = run_comparison(path, "test")
+    study = summary.study
+    assert study.labels == [
+        HYDRA_CURVE,
+        "influence (cg, damping 1)",
+        "tracin",
+        "trak-style (K=64, damping 0.01)",
+    ]
+    assert study.stored == [True] * 4 and study.errors == [None] * 4
+    assert study.configs[1]["per_test"] is None  # the study needs C(i) only
+    table = {s.method.split(" ")[0]: s for s in summary.scores}
+    for row, key in ((1, "influence"), (2, "tracin"), (3, "trak-style")):
+        assert study.sign_error[row, -1] == table[key].sign_error
+        assert study.spearman[row, -1] == pytest.approx(table[key].spearman, rel=1e-12)
+
+    early = tmp_path / "checkpoint-1.zarr"
+    exact = run_exact_analysis(path, "test", checkpoint=1, out=early).total_exact
+    influence = run_influence(path, "test", solver="cg", damping=1.0, checkpoint=1, out=early)
+    assert study.sign_error[1, 0] == sign_error_rate(influence.total, exact)
+    assert study.spearman[1, 0] == pytest.approx(spearman(influence.total, exact), rel=1e-12)
+
+    # A baseline computed before the last checkpoint is left out of compare, and said so.
+    run_influence(path, "test", solver="cg", damping=1.0, checkpoint=2)
+    again = run_comparison(path, "test", over_checkpoints=False)
+    assert not any(s.method.startswith("influence") for s in again.scores)
+    assert any(
+        line.startswith("skipped influence/test: computed at checkpoint 2")
+        for line in again.lines()
+    )
 
 
 def test_cli_compare_and_validate(float64_run, tmp_path):
@@ -54,12 +108,43 @@ def test_cli_compare_and_validate(float64_run, tmp_path):
     result = runner.invoke(app, ["compare", str(path), "--no-checkpoints"])
     assert result.exit_code == 0, result.output
     assert "sign error" in result.output
+    result = runner.invoke(app, ["compare", str(path), "--checkpoint-methods", "tracin"])
+    assert result.exit_code == 0, result.output
+    assert "  tracin (" in result.output and "defaults): 7: " in result.output
     result = runner.invoke(app, ["validate", str(path), "--samples", "4"])
     assert result.exit_code == 0, result.output
     assert "hydra-exact" in result.output
     result = runner.invoke(app, ["validate", str(path), "--samples", "4", "--selection", "best"])
     assert result.exit_code == 2
     assert "--selection" in result.output
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "hydra",
+            "--checkpoint-methods: 'hydra' gives no C(i) at earlier checkpoints; choose among "
+            "influence, tracin, trak, or 'none'",
+        ),
+        (
+            "tracin,datamodels",
+            "--checkpoint-methods: unknown method 'datamodels'; choose among influence, tracin, "
+            "trak, or 'none'",
+        ),
+        (
+            ",",
+            "--checkpoint-methods: name methods separated by commas (e.g. influence,tracin), "
+            "or 'none'",
+        ),
+    ],
+)
+def test_cli_bad_checkpoint_methods_are_one_error_line(float64_run, value, message):
+    result = CliRunner().invoke(
+        make_app(), ["compare", str(float64_run.path), "--checkpoint-methods", value]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {message}"
 
 
 def test_cli_missing_store(tmp_path):

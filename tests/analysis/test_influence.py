@@ -22,6 +22,7 @@ from hydra_store.analysis.methods import default_methods
 from hydra_store.analysis.reverse import run_exact_analysis
 from hydra_store.analysis.test_sets import resolve_test_set
 from hydra_store.analysis.validation import run_validation
+from hydra_store.arguments import InfluenceConfig
 from hydra_store.core.gradients import (
     evaluate,
     mean_loss_gradient,
@@ -32,7 +33,6 @@ from hydra_store.core.parameters import ParameterLayout, get_flat_parameters, se
 from hydra_store.errors import IndefiniteHessianWarning
 from hydra_store.recording.recorder import HydraRecorder
 from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
-from hydra_store.replay.trajectory import Trajectory
 from hydra_store_cli.main import app
 
 
@@ -43,15 +43,20 @@ def run_copy(float64_run, tmp_path) -> Path:
     return path
 
 
-def brute_force_influence(path: Path, damping: float) -> np.ndarray:
-    """(1/N) u . (H + damping I)^{-1} g_i for every i, with H from
-    torch.autograd.functional.hessian of the whole training objective and torch.linalg.solve."""
+def brute_force_influence(
+    path: Path, damping: float, checkpoint: int = -1, per_test: np.ndarray | None = None
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """(1/N) u . (H + damping I)^{-1} g_i for every i at the weights of `checkpoint`, with H
+    from torch.autograd.functional.hessian of the whole training objective (the weight decay of
+    the step ending at the checkpoint) and torch.linalg.solve; with `per_test`, also (1/N) g_j .
+    (H + damping I)^{-1} g_i for those test samples, each g_j by its own backward pass."""
     train = load_run_data(path).train
     tests = resolve_test_set(path, "test")
-    model = model_at_checkpoint(path, -1, dtype=torch.float64)
+    model = model_at_checkpoint(path, checkpoint, dtype=torch.float64)
     layout = ParameterLayout.from_model(model)
-    trajectory = Trajectory(path)
-    weight_decay = trajectory.settings(trajectory.n_steps - 1, trajectory.n_steps)[0].weight_decay
+    root = zarr.open_group(str(path), mode="r")
+    step = int(root["checkpoint_step"][checkpoint])
+    weight_decay = float(root["weight_decay"][step - 1])
     x, y = train.inputs.double(), train.targets
     losses = per_sample_loss_function(model, layout, x, y)
 
@@ -64,7 +69,16 @@ def brute_force_influence(path: Path, damping: float) -> np.ndarray:
     gradients = per_sample_loss_gradients(model, layout, x, y)
     u, _ = mean_loss_gradient(model, layout, tests.inputs, tests.targets)
     solved = torch.linalg.solve(damped, gradients.T)
-    return (u @ solved / x.shape[0]).detach().numpy()
+    total = (u @ solved / x.shape[0]).detach().numpy()
+    if per_test is None:
+        return total
+    rows = []
+    for j in per_test:
+        model.zero_grad()
+        output = model(tests.inputs[j : j + 1].double())
+        torch.nn.functional.cross_entropy(output, tests.targets[j : j + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    return total, (torch.stack(rows) @ solved / x.shape[0]).T.detach().numpy()
 
 
 def relative(mine: np.ndarray, theirs: np.ndarray) -> float:
@@ -93,11 +107,46 @@ def test_explicit_equals_brute_force_and_warns_when_indefinite(run_copy):
     np.testing.assert_array_equal(totals[label][1], automatic.total)
 
 
-def test_cg_and_lissa_equal_explicit_when_converged(run_copy):
-    explicit = run_influence(run_copy, "test", damping=2.0).total
-    cg = run_influence(run_copy, "test", solver="cg", damping=2.0, cg_tolerance=1e-12)
+def test_explicit_at_a_checkpoint_and_per_test_equal_brute_force(run_copy):
+    """At checkpoint 1 of 3, for every test sample: C(i, j) and C(i) equal the dense solve at
+    that checkpoint's weights, and the mean of C(i, j) over the test set is C(i)."""
+    summary = run_influence(run_copy, "test", checkpoint=1, per_test=100)
+    assert (summary.checkpoint, summary.step) == (1, 7)
+    assert summary.damping > 0 and summary.warning is None
+    chosen = np.arange(100)
+    total, per_test = brute_force_influence(run_copy, summary.damping, 1, chosen)
+    assert relative(summary.total, total) < 1e-10
+    assert relative(summary.per_test, per_test) < 1e-10
+    assert relative(summary.per_test.mean(axis=1), summary.total) < 1e-12
+    group = zarr.open_group(str(run_copy), mode="r")["influence/test"]
+    assert group["contribution"].metadata.dimension_names == ("train", "test")
+    assert group["contribution"].dtype == np.float64
+    np.testing.assert_array_equal(group["test"][:], chosen)
+    np.testing.assert_array_equal(group["contribution"][:], summary.per_test)
+    assert (group.attrs["checkpoint"], group.attrs["n_checkpoints"]) == (1, 4)
+    assert group.attrs["config"]["checkpoint"] == 1
+    # Computed before the last checkpoint: compare and validate do not score it.
+    assert InfluenceMethod().totals(run_copy, "test") == {}
+    # The same checkpoint without writing (compare over checkpoints): the same numbers.
+    config = InfluenceConfig(checkpoint=None)
+    at = InfluenceMethod().totals_at(run_copy, [1, -1], config)
+    np.testing.assert_array_equal(at[0], summary.total)
+    np.testing.assert_array_equal(at[1], run_influence(run_copy).total)
+
+
+def test_cg_and_lissa_equal_explicit_when_converged(run_copy, monkeypatch):
+    # Hessian-vector products of many test samples go in blocks of rows: blocks of 2 here.
+    monkeypatch.setattr("hydra_store.analysis.influence.HESSIAN_BLOCK", 2)
+    chosen = (3, 17, 42)
+    explicit = run_influence(run_copy, "test", damping=2.0, per_test=chosen)
+    cg = run_influence(
+        run_copy, "test", solver="cg", damping=2.0, cg_tolerance=1e-12, per_test=chosen
+    )
     assert cg.inverse.converged and cg.inverse.iterations < 200
-    assert relative(cg.total, explicit) < 1e-9
+    assert cg.per_test_inverse.converged and cg.per_test_inverse.iterations < 200
+    assert relative(cg.total, explicit.total) < 1e-9
+    # one CG per test sample, side by side: each row as if solved alone
+    assert relative(cg.per_test, explicit.per_test) < 1e-9
     # Full-batch minibatches make LiSSA deterministic: the Neumann series to convergence.
     lissa = run_influence(
         run_copy,
@@ -107,9 +156,26 @@ def test_cg_and_lissa_equal_explicit_when_converged(run_copy):
         lissa_depth=150,
         lissa_repeats=1,
         lissa_batch_size=10_000,
+        per_test=chosen,
     )
-    assert lissa.inverse.residual < 1e-9
-    assert relative(lissa.total, explicit) < 1e-8
+    assert lissa.inverse.residual < 1e-9 and lissa.per_test_inverse.residual < 1e-9
+    assert relative(lissa.total, explicit.total) < 1e-8
+    assert relative(lissa.per_test, explicit.per_test) < 1e-8
+    # Minibatch LiSSA carries every test sample through the same minibatches, so it is linear
+    # in the right-hand side: the per-test mean is the total, however far from converged.
+    monkeypatch.setattr("hydra_store.analysis.influence.HESSIAN_BLOCK", 32)
+    rough = run_influence(
+        run_copy,
+        "test",
+        solver="lissa",
+        damping=2.0,
+        lissa_depth=20,
+        lissa_repeats=2,
+        lissa_batch_size=50,
+        per_test=100,
+    )
+    assert rough.inverse.residual > 1e-3
+    assert relative(rough.per_test.mean(axis=1), rough.total) < 1e-10
     # An explicit scale below the spectrum diverges, and says what to raise.
     with pytest.raises(Exception, match=r"LiSSA diverged.*raise --lissa-scale"):
         run_influence(run_copy, "test", solver="lissa", damping=2.0, lissa_scale=0.5)
@@ -231,6 +297,12 @@ def test_influence_predicts_leave_one_out_on_a_strongly_convex_problem(convex_ru
         (
             ["--solver", "lissa", "--lissa-scale", "0"],
             "--lissa-scale must be a number > 0, got 0.0",
+        ),
+        (["--checkpoint", "9"], "checkpoint 9 does not exist; the store has checkpoints 0..3"),
+        (["--per-test", "0"], "--per-test must be at least 1, got 0"),
+        (
+            ["--per-test", "361"],
+            "--per-test 361: the test set has 360 samples; ask for 1..360",
         ),
     ],
 )

@@ -19,9 +19,17 @@ from hydra_store.analysis.methods import (
     ReverseModeMethod,
     default_methods,
 )
-from hydra_store.analysis.reverse import read_reverse_group, run_exact_analysis
+from hydra_store.analysis.reverse import (
+    adjoint_contributions,
+    read_reverse_group,
+    run_exact_analysis,
+)
+from hydra_store.analysis.test_sets import resolve_test_set
 from hydra_store.analysis.validation import run_validation
+from hydra_store.core.gradients import mean_loss_gradient
 from hydra_store.errors import InvalidArgumentError
+from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.trajectory import Trajectory
 from hydra_store.store.format import open_group
 from hydra_store.store.groups import write_result_group
 from hydra_store_cli.main import app
@@ -91,6 +99,46 @@ def test_a_new_method_is_scored_by_compare_and_validate(run_copy):
     # Each method owns its group: re-running reverse mode keeps the other method's results.
     run_exact_analysis(run_copy, "test")
     assert "scaled exact" in registry.totals(run_copy, "test")
+
+
+class ScaledOverCheckpoints(ScaledExactMethod):
+    """The stand-in, also at earlier checkpoints: the exact C(i) there (an adjoint truncated at
+    the checkpoint, the test direction at its weights) times the factor."""
+
+    name = "scaled-checkpoints"
+    group = "scaled-checkpoints"
+
+    def totals_at(self, path, checkpoints, config, *, inputs=None, progress=None):
+        trajectory = Trajectory(path)
+        train = load_run_data(path).train
+        tests = resolve_test_set(path, config.test_set)
+        rows = []
+        for k in checkpoints:
+            model = model_at_checkpoint(path, k)
+            u, _ = mean_loss_gradient(model, trajectory.layout, tests.inputs, tests.targets)
+            scratch = model_at_checkpoint(path, 0)
+            result = adjoint_contributions(trajectory, scratch, train, u[None], checkpoint=k)
+            rows.append(config.factor * result.exact[0])
+        return np.array(rows)
+
+
+def test_a_new_method_with_totals_at_is_scored_over_checkpoints(run_copy):
+    registry = default_methods()
+    assert [m.name for m in registry if m.scores_checkpoints] == ["influence", "tracin", "trak"]
+    registry.add(ScaledExactMethod())
+    registry.add(ScaledOverCheckpoints())
+    assert not registry["scaled"].scores_checkpoints
+    assert registry["scaled-checkpoints"].scores_checkpoints
+    summary = run_comparison(
+        run_copy, "test", methods=registry, checkpoint_methods=("scaled-checkpoints",)
+    )
+    study = summary.study
+    assert study.labels[1] == "scaled-checkpoints" and study.stored == [True, False]
+    # a positive multiple of the exact contribution at every checkpoint: no sign flipped
+    np.testing.assert_array_equal(study.sign_error[1], np.zeros(3))
+    np.testing.assert_allclose(study.spearman[1], np.ones(3), rtol=1e-12)
+    with pytest.raises(InvalidArgumentError, match="'scaled' gives no C"):
+        run_comparison(run_copy, "test", methods=registry, checkpoint_methods=("scaled",))
 
 
 def test_registry_refuses_clashes_and_names_its_methods():

@@ -49,7 +49,7 @@ def test_analyze_then_suspects_and_atomic_rerun(store_copy, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "sign_clusters", boom)
+    monkeypatch.setattr(pipeline, "cluster_samples", boom)
     result = invoke("analyze", store_copy, "--no-figures")
     assert result.exit_code != 0
     after = xr.open_zarr(str(store_copy), group="analysis/test")
@@ -95,3 +95,32 @@ def test_suspects_before_analyze(digits_store, tmp_path):
     result = invoke("suspects", copy)
     assert_one_error(result)
     assert "analyze" in result.output
+
+
+def test_suspects_all_methods_prints_and_writes_table_4(noisy_digits_store, tmp_path):
+    copy = tmp_path / "noisy.zarr"
+    shutil.copytree(noisy_digits_store, copy)
+    analysed = invoke("analyze", copy, "--no-figures", "--cluster-features", "paper-signs")
+    assert analysed.exit_code == 0, analysed.output
+    assert "clustering on paper-signs: Jaccard correct labels" in analysed.output
+    result = invoke("suspects", copy, "--all-methods", "--clusters-k", "100")
+    assert result.exit_code == 0, result.output
+    assert "analysis:contribution" in result.output and "MNIST, HyDRA" in result.output
+    table = xr.open_zarr(str(copy), group="clustering/test")
+    assert table["features"].values.tolist() == ["total", "paper-signs"]
+    assert table.attrs["config"]["clusters_k"] == 100
+    csv = invoke("suspects", copy)
+    assert csv.exit_code == 0
+    assert "clustering on paper-signs" in csv.stderr
+
+
+def test_clustering_options_errors(store_copy, tmp_path):
+    before = snapshot(store_copy)
+    assert_one_error(invoke("analyze", store_copy, "--cluster-features", "signs"))
+    assert_one_error(invoke("suspects", store_copy, "--cluster-features", "total"))
+    assert_one_error(invoke("suspects", store_copy, "--all-methods", "--out", tmp_path / "x.csv"))
+    assert_one_error(invoke("suspects", store_copy, "--all-methods", "--clusters-k", "0"))
+    result = invoke("suspects", store_copy, "--all-methods")  # no injected noise
+    assert_one_error(result)
+    assert "--label-noise" in result.output
+    assert snapshot(store_copy) == before

@@ -1,14 +1,32 @@
 """Learning-rate schedules of the paper's supplement, as torch schedulers.
 
 The recorder reads the learning rate from the optimizer at every step, so these are ordinary
-torch.optim.lr_scheduler objects; a user's own scheduler works the same way.
+torch.optim.lr_scheduler objects; a user's own scheduler works the same way. The built-in run
+(recording/training.py) and the from-scratch retraining of `clean` (analysis/cleaning.py) both
+drive their optimizer through `EpochSchedule`, so they follow the same schedule.
+
+The schedule is described by a `hydra_store.arguments.ScheduleSpec`; it is not imported here
+(the arguments module reaches dask, which the math core may not), any object with its fields
+and methods serves.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from hydra_store.arguments import ScheduleSpec
+
+class ScheduleSpec(Protocol):
+    """What `EpochSchedule` reads of a `hydra_store.arguments.ScheduleSpec`."""
+
+    name: str
+    step_epochs: int
+    patience: int
+
+    def validate(self) -> None: ...
+
+    def resolved_decay(self) -> float: ...
 
 
 class EpochSchedule:
