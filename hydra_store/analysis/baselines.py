@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.func import jvp, vmap
 
-from hydra_store.analysis.reverse import _select_test_samples, resolve_checkpoint
+from hydra_store.analysis.reverse import resolve_checkpoint, select_test_samples
 from hydra_store.analysis.test_sets import TestSet, group_name, resolve_test_set
 from hydra_store.core.gradients import (
     per_sample_directional_derivatives,
@@ -125,7 +125,7 @@ def load_recorded_run(
 def chosen_test_samples(per_test: int | Sequence[int] | None, tests: TestSet) -> np.ndarray:
     """The test samples given per-test contributions: none, the first K, or the given indices
     (checked as reverse mode checks them)."""
-    return _select_test_samples(per_test, int(tests.targets.shape[0]))
+    return select_test_samples(per_test, int(tests.targets.shape[0]))
 
 
 def per_test_gradients(

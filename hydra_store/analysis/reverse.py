@@ -268,7 +268,9 @@ def _direction_task(
     return result.exact, result.approx
 
 
-def _select_test_samples(per_test: int | Sequence[int] | None, n_test: int) -> np.ndarray:
+def select_test_samples(per_test: int | Sequence[int] | None, n_test: int) -> np.ndarray:
+    """The test positions `--per-test` names: none, the first K, or the given indices (checked
+    against the test set's size); shared by reverse mode and the baselines."""
     if per_test is None:
         return np.zeros(0, dtype=np.int64)
     if isinstance(per_test, (int, np.integer)):
@@ -392,7 +394,7 @@ def run_exact_analysis(
     model = model_at_checkpoint(path, end, inputs=inputs, device=config.device)
     layout, loss = trajectory.layout, trajectory.loss
     u, test_loss = mean_loss_gradient(model, layout, tests.inputs, tests.targets, loss=loss)
-    chosen = _select_test_samples(config.per_test, int(tests.targets.shape[0]))
+    chosen = select_test_samples(config.per_test, int(tests.targets.shape[0]))
     per_test_directions = _per_test_directions(model, layout, tests, chosen, loss)
     result = adjoint_contributions(
         trajectory, model, data.train, u[None], checkpoint=end, progress=progress
