@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.func import jvp, vmap
 
+from hydra_store.analysis.methods import ContributionMethod, Totals
 from hydra_store.analysis.reverse import resolve_checkpoint, select_test_samples
 from hydra_store.analysis.test_sets import TestSet, group_name, resolve_test_set
 from hydra_store.core.gradients import (
@@ -249,6 +250,22 @@ def read_total(path: Path, group: str, test_set: str) -> tuple[np.ndarray, np.nd
     if index is None or index.size != values.size:
         index = np.arange(values.size, dtype=np.int64)
     return index, values, dict(node.attrs)
+
+
+class BaselineMethod(ContributionMethod):
+    """A method beside HyDRA whose group holds `total_contribution (train,)`: its stored C(i)
+    are read back under the label `label` makes of the group's attributes."""
+
+    def label(self, attrs: dict[str, Any]) -> str:
+        """What `compare` and `validate` show for a stored run with these attributes."""
+        raise NotImplementedError
+
+    def totals(self, path: Path, test_set: str) -> Totals:
+        found = read_total(path, self.group, test_set)
+        if found is None:
+            return {}
+        index, values, attrs = found
+        return {self.label(attrs): (index, values)}
 
 
 def config_attrs(config: Any) -> dict[str, Any]:

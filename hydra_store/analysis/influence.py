@@ -43,6 +43,7 @@ from hydra_store.analysis.baselines import (
     PER_TEST,
     SIGN_CONVENTION,
     TOTAL,
+    BaselineMethod,
     RecordedRun,
     checkpoint_attrs,
     chosen_test_samples,
@@ -51,11 +52,9 @@ from hydra_store.analysis.baselines import (
     load_recorded_run,
     per_test_arrays,
     per_test_gradients,
-    read_total,
     total_arrays,
     training_dots,
 )
-from hydra_store.analysis.methods import ContributionMethod, Totals
 from hydra_store.arguments import InfluenceConfig, resolve_config
 from hydra_store.core.gradients import mean_loss_gradient
 from hydra_store.core.influence import (
@@ -507,7 +506,7 @@ def influence_label(attrs: dict[str, Any]) -> str:
     return f"influence ({config.get('solver', '?')}, damping {damping:.3g})"
 
 
-class InfluenceMethod(ContributionMethod):
+class InfluenceMethod(BaselineMethod):
     """Influence functions at the weights of a checkpoint (`influence/<test set>`)."""
 
     name = "influence"
@@ -525,12 +524,8 @@ class InfluenceMethod(ContributionMethod):
     ) -> InfluenceSummary:
         return run_influence(path, config, progress=progress, inputs=inputs, out=out)
 
-    def totals(self, path: Path, test_set: str) -> Totals:
-        found = read_total(path, self.group, test_set)
-        if found is None:
-            return {}
-        index, values, attrs = found
-        return {influence_label(attrs): (index, values)}
+    def label(self, attrs: dict[str, Any]) -> str:
+        return influence_label(attrs)
 
     def totals_at(
         self,

@@ -35,6 +35,7 @@ from hydra_store.analysis.baselines import (
     PER_TEST,
     SIGN_CONVENTION,
     TOTAL,
+    BaselineMethod,
     RecordedRun,
     checkpoint_attrs,
     chosen_test_samples,
@@ -43,11 +44,9 @@ from hydra_store.analysis.baselines import (
     load_recorded_run,
     per_test_arrays,
     per_test_gradients,
-    read_total,
     total_arrays,
     training_dots,
 )
-from hydra_store.analysis.methods import ContributionMethod, Totals
 from hydra_store.analysis.reverse import resolve_checkpoint
 from hydra_store.arguments import TracInConfig, resolve_config
 from hydra_store.core.gradients import mean_loss_gradient
@@ -236,7 +235,7 @@ def run_tracin(
     )
 
 
-class TracInMethod(ContributionMethod):
+class TracInMethod(BaselineMethod):
     """TracIn over the stored checkpoints (`tracin/<test set>`)."""
 
     name = "tracin"
@@ -254,13 +253,9 @@ class TracInMethod(ContributionMethod):
     ) -> TracInSummary:
         return run_tracin(path, config, progress=progress, inputs=inputs, out=out)
 
-    def totals(self, path: Path, test_set: str) -> Totals:
-        found = read_total(path, self.group, test_set)
-        if found is None:
-            return {}
-        index, values, attrs = found
+    def label(self, attrs: dict[str, Any]) -> str:
         count = attrs.get("n_checkpoints_summed", attrs.get("n_checkpoints", "?"))
-        return {f"tracin ({count} checkpoints)": (index, values)}
+        return f"tracin ({count} checkpoints)"
 
     def totals_at(
         self,

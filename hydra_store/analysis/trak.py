@@ -27,6 +27,7 @@ from hydra_store.analysis.baselines import (
     PER_TEST,
     SIGN_CONVENTION,
     TOTAL,
+    BaselineMethod,
     RecordedRun,
     checkpoint_attrs,
     chosen_test_samples,
@@ -35,10 +36,8 @@ from hydra_store.analysis.baselines import (
     load_recorded_run,
     per_test_arrays,
     per_test_gradients,
-    read_total,
     total_arrays,
 )
-from hydra_store.analysis.methods import ContributionMethod, Totals
 from hydra_store.arguments import TrakConfig, resolve_config
 from hydra_store.core.gradients import mean_loss_gradient
 from hydra_store.core.projection import Projector
@@ -194,7 +193,7 @@ def run_trak(
     )
 
 
-class TrakMethod(ContributionMethod):
+class TrakMethod(BaselineMethod):
     """A TRAK-style estimator at the weights of a checkpoint (`trak/<test set>`)."""
 
     name = "trak"
@@ -212,14 +211,10 @@ class TrakMethod(ContributionMethod):
     ) -> TrakSummary:
         return run_trak(path, config, progress=progress, inputs=inputs, out=out)
 
-    def totals(self, path: Path, test_set: str) -> Totals:
-        found = read_total(path, self.group, test_set)
-        if found is None:
-            return {}
-        index, values, attrs = found
+    def label(self, attrs: dict[str, Any]) -> str:
         width = (attrs.get("projection") or {}).get("width", "?")
         damping = (attrs.get("config") or {}).get("damping", float("nan"))
-        return {f"trak-style (K={width}, damping {damping:g})": (index, values)}
+        return f"trak-style (K={width}, damping {damping:g})"
 
     def totals_at(
         self,
