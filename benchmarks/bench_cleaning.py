@@ -12,9 +12,10 @@ the paper's MNIST figures.
     nice -n 5 .venv/bin/python benchmarks/bench_cleaning.py
     nice -n 5 .venv/bin/python benchmarks/bench_cleaning.py --noise 0.8 --seeds 3 --lr 0.01
 
-`--per-class` adds an experiment that is neither `clean`'s ranking nor the paper's: each
-method's C(i) turned into its rank within the sample's training class, so that the drop takes
-the same share of every class (docs/analysis.md, "Cleaning noisy labels").
+`--within-class` also runs `clean --within-class` (not the paper's method: every ranking drops
+its lowest C(i) within each training class, the same total shared among the classes, random as
+many per class) and prints it beside the global ranking (docs/analysis.md, "Cleaning noisy
+labels").
 """
 
 from __future__ import annotations
@@ -82,42 +83,32 @@ def rankings(path: Path) -> dict[str, float]:
     return seconds
 
 
-def per_class_registry(recording: Path):
-    """A registry of one method whose rankings are every stored ranking of `recording` that
-    covers all N, as within-class ranks (0 for the lowest C(i) of a class, up to 1)."""
-    from dataclasses import dataclass
-
+def print_table(summary, seconds: dict[str, float], within=None) -> None:
+    """One row per ranking: mislabelled among the dropped and the accuracy of the global drop,
+    and of `within` (the same rankings dropped within each class) beside when given; the
+    ranking's time."""
     import numpy as np
-    import zarr
 
-    from hydra_store.analysis.methods import ContributionMethod, MethodRegistry, default_methods
+    def cells(result, n: int) -> str:
+        values = 100 * result.accuracy[n]
+        spread = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+        wrong = int(result.mislabelled_dropped[n])
+        share = f"{wrong} ({wrong / max(1, result.n_drop):.1%})" if result.n_drop else "0"
+        return f"{share:>20} {f'{values.mean():.2f} ± {spread:.2f}':>16}"
 
-    @dataclass(frozen=True)
-    class Options:
-        test_set: str = "validation"
-
-    class PerClass(ContributionMethod):
-        name, group, config_type = "per-class", "per_class", Options
-        description = "within-class rank of each stored C(i)"
-
-        def run(self, path, config, progress=None, inputs=None, out=None):
-            raise NotImplementedError("reads the stored rankings only")
-
-        def totals(self, path, test_set):
-            labels = np.asarray(zarr.open_group(recording, mode="r")["train_label"][:])
-            found = {}
-            for label, (index, values) in default_methods().totals(recording, test_set).items():
-                if index.size != labels.size or label.startswith("analysis:"):
-                    continue
-                rank = np.empty(values.size)
-                for c in np.unique(labels[index]):
-                    inside = labels[index] == c
-                    order = np.argsort(values[inside], kind="stable")
-                    rank[np.flatnonzero(inside)[order]] = np.arange(order.size) / order.size
-                found[f"per class: {label}"] = (index, rank)
-            return found
-
-    return MethodRegistry((PerClass(),))
+    header = f"{'mislabelled dropped':>20} {'accuracy (%)':>16}"
+    if within is not None:
+        if within.labels != summary.labels:
+            raise RuntimeError(f"the rankings differ: {summary.labels} and {within.labels}")
+        print(f"{'':<44} {'global ranking':>37} {'within each class':>37}")
+        header = f"{header} {header}"
+    print(f"{'ranking':<44} {header} {'ranking time (s)':>17}")
+    for n, label in enumerate(summary.labels):
+        took = seconds.get(summary.methods[n])
+        row = cells(summary, n) if within is None else f"{cells(summary, n)} {cells(within, n)}"
+        print(f"{label:<44} {row} {'' if took is None else f'{took:.1f}':>17}")
+    for line in summary.skipped:
+        print(f"skipped {line}")
 
 
 def main() -> None:
@@ -131,11 +122,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="retrainings at once")
     parser.add_argument("--dir", type=Path, help="keep the stores here (default: a temp dir)")
     parser.add_argument(
-        "--per-class", action="store_true", help="also the within-class ranking experiment"
+        "--within-class",
+        action="store_true",
+        help="also `clean --within-class`, printed beside the global ranking",
     )
     args = parser.parse_args()
-
-    import numpy as np
 
     from hydra_store.analysis.cleaning import PAPER_TABLE3, run_cleaning
 
@@ -155,38 +146,21 @@ def main() -> None:
             f"0-{args.seeds - 1}; test accuracy; retraining {summary.seconds:.1f} s for "
             f"{len(summary.labels) * args.seeds} runs"
         )
-        print(
-            f"{'ranking':<44} {'mislabelled dropped':>20} {'accuracy (%)':>16} "
-            f"{'ranking time (s)':>17}"
-        )
-        for n, label in enumerate(summary.labels):
-            values = 100 * summary.accuracy[n]
-            spread = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
-            wrong = int(summary.mislabelled_dropped[n])
-            share = f"{wrong} ({wrong / max(1, summary.n_drop):.1%})" if summary.n_drop else "0"
-            took = seconds.get(summary.methods[n])
-            print(
-                f"{label:<44} {share:>20} {f'{values.mean():.2f} ± {spread:.2f}':>16} "
-                f"{'' if took is None else f'{took:.1f}':>17}"
-            )
-        for line in summary.skipped:
-            print(f"skipped {line}")
-        if args.per_class:
-            experiment = run_cleaning(
+        within = None
+        if args.within_class:
+            # the same store (it holds the rankings): this replaces the global run's group
+            within = run_cleaning(
                 path,
                 seeds=args.seeds,
                 workers=args.workers,
-                methods=per_class_registry(path),
-                rankings=("per-class",),
-                out=where / f"{path.stem}-per-class.zarr",
+                within_class=True,
+                png=str(where / f"{path.stem}-clean-within-class.png"),
             )
-            print("experiment, not clean's ranking: the same share dropped from every class")
-            for n, label in enumerate(experiment.labels):
-                values = 100 * experiment.accuracy[n]
-                spread = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
-                wrong = int(experiment.mislabelled_dropped[n])
-                share = f"{wrong} ({wrong / max(1, experiment.n_drop):.1%})"
-                print(f"{label:<44} {share:>20} {f'{values.mean():.2f} ± {spread:.2f}':>16}")
+            print(
+                f"clean --within-class: the same {within.n_drop} dropped, shared among the "
+                f"training classes; retraining {within.seconds:.1f} s"
+            )
+        print_table(summary, seconds, within)
         paper = PAPER_TABLE3["MNIST, LeNet-5"].get(round(noise, 2))
         if paper is not None:
             print(

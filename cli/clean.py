@@ -59,6 +59,13 @@ def register(app: typer.Typer) -> None:
         png: str | None = typer.Option(
             _CLEAN.png, "--png", help="bar chart path (default beside the store)"
         ),
+        within_class: bool = typer.Option(
+            _CLEAN.within_class,
+            "--within-class",
+            help="drop the lowest C(i) within each training class (the same total, shared "
+            "among the classes by their sizes; random as many per class) instead of one "
+            "global ranking",
+        ),
         out: str | None = RESULTS_OUT_OPTION,
     ) -> None:
         """Drop the training samples each method ranks least useful (the lowest C(i), the
@@ -80,6 +87,7 @@ def register(app: typer.Typer) -> None:
                 workers=workers,
                 device=device,
                 png=png,
+                within_class=within_class,
             )
             config.validate()  # before the store is read
             try:

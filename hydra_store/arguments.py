@@ -486,7 +486,10 @@ class CleanConfig:
     `rate`: None: the store's injected label-noise rate. `rankings`: method names
     (`hydra-exact`, `hydra`, `influence`, `tracin`, `trak`, or `none`, `random`, `oracle`);
     None: every stored ranking plus the three references. `seed`: draws the random drop.
-    `device`: None: the store's. `png`: the bar chart's path; None: beside the results store."""
+    `device`: None: the store's. `png`: the bar chart's path; None: beside the results store.
+    `within_class`: drop the lowest C(i) within each training class (labels as trained on),
+    the same total round(`rate` x N) shared among the classes by largest remainder, and the
+    random drop as many per class; no filtering and the oracle unchanged."""
 
     test_set: str | None = None
     evaluate_on: str = "test"
@@ -498,6 +501,7 @@ class CleanConfig:
     workers: int | None = None
     device: str | None = None
     png: str | None = None
+    within_class: bool = False
 
     def validate(self) -> None:
         if self.rate is not None and not (math.isfinite(self.rate) and 0 <= self.rate < 1):
@@ -523,6 +527,12 @@ class CleanConfig:
             repeated = sorted({r for r in self.rankings if self.rankings.count(r) > 1})
             if repeated:
                 raise InvalidArgumentError(f"--method {repeated[0]} is given twice")
+            if self.within_class and set(self.rankings) <= {"none", "oracle"}:
+                raise InvalidArgumentError(
+                    "--within-class changes only the rankings that drop the lowest C(i) and "
+                    "random, and --method names only none/oracle; add a method or random, or "
+                    "leave out --within-class"
+                )
 
 
 C = TypeVar("C")

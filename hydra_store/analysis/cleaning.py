@@ -9,6 +9,13 @@ hurts; ties go to the lower training index). Beside the stored methods' rankings
 samples drawn without replacement from the config's seed, one draw for every training seed)
 and `oracle` (drop exactly the mislabelled samples, the store's `is_noisy`).
 
+One global ranking compares C(i) across classes whose magnitudes differ and can drop a whole
+class's correctly labelled samples. `within_class` ranks each observed training class (the
+labels trained on, noisy ones included) on its own instead: class c loses its count_c lowest
+C(i), the counts allocated by largest remainder so that they add up to the same round(r N)
+(`class_drop_counts`); `random` then draws the same count_c within each class, and the
+oracle and no filtering are unchanged.
+
 Each ranking's kept samples are trained on from scratch with the recipe the store's `config`
 holds (the model spec, epochs, batch size, learning rate and its schedule, momentum, weight
 decay: `hydra-store record`'s), once per seed 0..S-1; seed s sets the model's initial weights
@@ -29,9 +36,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +135,81 @@ def random_drop(n_train: int, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_train, size=count, replace=False)).astype(np.int64)
 
 
+def class_drop_counts(rate: float, labels: np.ndarray) -> dict[int, int]:
+    """How many samples a drop within each class takes from each observed class c of `labels`
+    (N,), in class order: floor(r n_c), plus one for the classes with the largest remainders
+    r n_c - floor(r n_c) (ties to the lower class) until the counts add up to `drop_count(r, N)`,
+    the global drop's total. Each count is within 1 of r n_c and at most n_c. r n_c is
+    computed exactly, r being the decimal the rate is written as (0.7 x 10 is 7, not
+    6.99...)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidArgumentError(
+            f"a drop within classes needs one integer label per training sample, got "
+            f"{labels.dtype} of shape {labels.shape}"
+        )
+    total = drop_count(rate, labels.size)
+    exact = Fraction(repr(float(rate)))
+    classes, sizes = np.unique(labels, return_counts=True)
+    shares = [exact * int(n) for n in sizes]
+    counts = [math.floor(share) for share in shares]
+    extra = total - sum(counts)  # round(the sum of the remainders): 0..classes
+    if not 0 <= extra <= classes.size:
+        raise AnalysisError(
+            f"cannot share {total} dropped samples among classes of sizes {sizes.tolist()}"
+        )
+    by_remainder = sorted(range(classes.size), key=lambda k: (counts[k] - shares[k], k))
+    for k in by_remainder[:extra]:
+        counts[k] += 1
+    return {int(c): int(n) for c, n in zip(classes, counts, strict=True)}
+
+
+def _class_members(labels: np.ndarray, counts: dict[int, int]) -> list[tuple[np.ndarray, int]]:
+    labels = np.asarray(labels)
+    observed = {int(c) for c in np.unique(labels)}
+    if observed != set(counts):
+        raise InvalidArgumentError(
+            f"per-class drop counts name the classes {sorted(counts)}, the labels hold "
+            f"{sorted(observed)}"
+        )
+    return [(labels == c, count) for c, count in sorted(counts.items())]
+
+
+def drop_lowest_within_class(
+    index: np.ndarray, values: np.ndarray, labels: np.ndarray, counts: dict[int, int]
+) -> np.ndarray:
+    """The training indices (sorted) of the `counts[c]` samples with the lowest C(i) within
+    each class c: `drop_lowest` on each class's samples alone. `labels` (N,) is every training
+    sample's label (by training index); `index`/`values` as for `drop_lowest`."""
+    index = np.asarray(index, dtype=np.int64)
+    labels = np.asarray(labels)
+    if index.size and (index.min() < 0 or index.max() >= labels.size):
+        raise InvalidArgumentError(
+            f"training indices must lie in [0, {labels.size}), the labels' length"
+        )
+    values = np.asarray(values, dtype=np.float64)
+    if index.shape != values.shape or index.ndim != 1:
+        raise InvalidArgumentError(
+            f"a ranking needs one C(i) per training index, got {index.shape} and {values.shape}"
+        )
+    parts = [np.zeros(0, dtype=np.int64)]
+    for inside, count in _class_members(labels, counts):
+        mine = inside[index]
+        parts.append(drop_lowest(index[mine], values[mine], count))
+    return np.sort(np.concatenate(parts))
+
+
+def random_drop_within_class(labels: np.ndarray, counts: dict[int, int], seed: int) -> np.ndarray:
+    """`counts[c]` training indices of each class c of `labels` (N,) drawn without replacement,
+    reproducibly from `seed` (sorted): the random reference for a drop within classes."""
+    rng = np.random.default_rng([seed, 0xC1EA, 1])
+    parts = [
+        rng.choice(np.flatnonzero(inside), size=count, replace=False)
+        for inside, count in _class_members(labels, counts)
+    ]
+    return np.sort(np.concatenate([np.zeros(0, dtype=np.int64), *parts])).astype(np.int64)
+
+
 def mislabelled(path: Path, data: RunData, inputs: RunInputs | None) -> np.ndarray | None:
     """(N,) bool: the samples whose training label was changed by the injected noise; None
     when the store injected none.
@@ -182,14 +266,20 @@ def method_rankings(
     n_train: int,
     count: int,
     out: str | Path | None = None,
+    labels: np.ndarray | None = None,
+    class_counts: dict[int, int] | None = None,
 ) -> tuple[list[Ranking], list[str]]:
     """(rankings, what was skipped and why) of every stored C(i) of the methods in `registry`
-    (only those named in `wanted`, when given) for `test_set`.
+    (only those named in `wanted`, when given) for `test_set`. Each drops the `count` lowest
+    C(i); with `class_counts` (`class_drop_counts`) the `class_counts[c]` lowest within each
+    class c of the training `labels` (N,) instead.
 
     Dropping the r share of the whole training set needs a C(i) for every one of its N samples:
     a ranking over fewer (a recording that tracked a subset) is skipped and named; a method
     asked for by name that has no usable ranking is an error saying which command computes
     one."""
+    if (labels is None) != (class_counts is None):
+        raise InvalidArgumentError("a drop within classes needs both the labels and the counts")
     rankings: list[Ranking] = []
     skipped: list[str] = []
     for method in registry:
@@ -218,7 +308,11 @@ def method_rankings(
             elif not np.isfinite(values).all():
                 skipped.append(f"{label}: has non-finite C(i)")
             else:
-                rankings.append(Ranking(label, method.name, drop_lowest(index, values, count)))
+                if class_counts is None:
+                    dropped = drop_lowest(index, values, count)
+                else:
+                    dropped = drop_lowest_within_class(index, values, labels, class_counts)
+                rankings.append(Ranking(label, method.name, dropped))
                 usable += 1
         if asked and found and not usable:
             raise AnalysisError(f"--method {method.name}: {skipped[-1]}")
@@ -491,15 +585,23 @@ class CleaningSummary:
     leaks: bool
     png: Path | None
     seconds: float
+    within_class: bool = False  # dropped within each training class
 
     def lines(self) -> list[str]:
         seeds = self.seeds
         span = f"seed {seeds[0]}" if seeds.size == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+        within = (
+            ", dropped within each class (the same share of every training label; random: as "
+            "many of each class at random)"
+            if self.within_class
+            else ""
+        )
         out = [
             f"cleaning at rate {self.rate:g} (injected noise {self.noise_rate:g}): each ranking "
             f"drops the {self.n_drop} of {self.n_train} training samples with the lowest C(i) on "
-            f"{self.test_set!r}; retrained from scratch on the rest ({self.recipe.describe()}), "
-            f"{span}; final accuracy on {self.evaluate_on!r}, in {self.seconds:.1f} s",
+            f"{self.test_set!r}{within}; retrained from scratch on the rest "
+            f"({self.recipe.describe()}), {span}; final accuracy on {self.evaluate_on!r}, in "
+            f"{self.seconds:.1f} s",
         ]
         width = max(len("ranking"), *(len(label) for label in self.labels))
         out.append(
@@ -637,10 +739,22 @@ def run_cleaning(
             "share of the training set to drop"
         )
     count = drop_count(rate, n_train)
+    labels = class_counts = None
+    if config.within_class:
+        labels = data.train.targets.numpy()
+        class_counts = class_drop_counts(rate, labels)
     wanted = config.rankings
     results = results_root(path, out)
     found, skipped = method_rankings(
-        results, test_set, registry, wanted, n_train=n_train, count=count, out=out
+        results,
+        test_set,
+        registry,
+        wanted,
+        n_train=n_train,
+        count=count,
+        out=out,
+        labels=labels,
+        class_counts=class_counts,
     )
     if wanted is None and not found:
         skipped.append(
@@ -654,7 +768,12 @@ def run_cleaning(
             raise
         noisy = None
         skipped.append(f"oracle: {error}")
-    rankings = _with_references(found, wanted, n_train, count, config.seed, noisy, skipped)
+    random_dropped = (
+        random_drop(n_train, count, config.seed)
+        if class_counts is None
+        else random_drop_within_class(labels, class_counts, config.seed)
+    )
+    rankings = _with_references(found, wanted, random_dropped, noisy, skipped)
     seeds = np.arange(config.seeds, dtype=np.int64)
     masks = []
     for ranking in rankings:
@@ -677,7 +796,7 @@ def run_cleaning(
     shape = (len(rankings), seeds.size)
     accuracy = np.array([a for a, _ in scored], dtype=np.float64).reshape(shape)
     test_loss = np.array([b for _, b in scored], dtype=np.float64).reshape(shape)
-    labels = [r.label for r in rankings]
+    names = [r.label for r in rankings]
     dropped = ~np.stack(masks)
     n_dropped = dropped.sum(axis=1)
     wrong = (
@@ -690,12 +809,13 @@ def run_cleaning(
         if config.png is not None
         else results.with_name(f"{results.stem}-clean-{name}.png")
     )
+    within = ", within each class" if config.within_class else ""
     plot_cleaning(
         png,
-        labels,
+        names,
         accuracy,
         f"retrained from scratch without the {count} of {n_train} training samples each "
-        f"ranking drops\n(rate {rate:g}; ranked by C(i) on {test_set}, accuracy on "
+        f"ranking drops{within}\n(rate {rate:g}; ranked by C(i) on {test_set}, accuracy on "
         f"{config.evaluate_on}; {seeds.size} seeds: mean ± std and each seed)",
     )
     seconds = time.perf_counter() - started
@@ -707,6 +827,10 @@ def run_cleaning(
         "noise_rate": recorded.label_noise,
         "n_train": n_train,
         "n_drop": count,
+        "within_class": config.within_class,
+        "class_drop_counts": (
+            {str(c): n for c, n in class_counts.items()} if class_counts is not None else None
+        ),
         "ranked_by": test_set,
         "evaluated_on": config.evaluate_on,
         "ranking_leaks_evaluation_labels": leaks,
@@ -732,7 +856,7 @@ def run_cleaning(
         n_drop=count,
         recipe=recipe,
         seeds=seeds,
-        labels=labels,
+        labels=names,
         methods=[r.method for r in rankings],
         accuracy=accuracy,
         n_dropped=n_dropped,
@@ -741,20 +865,19 @@ def run_cleaning(
         leaks=leaks,
         png=png,
         seconds=seconds,
+        within_class=config.within_class,
     )
 
 
 def _with_references(
     found: list[Ranking],
     wanted: Sequence[str] | None,
-    n_train: int,
-    count: int,
-    seed: int,
+    random_dropped: np.ndarray,
     noisy: np.ndarray | None,
     skipped: list[str],
 ) -> list[Ranking]:
-    """`no filtering` and `random` first, the methods' rankings, then `oracle`; only those
-    named in `wanted` when given."""
+    """`no filtering` and `random` (dropping `random_dropped`) first, the methods' rankings, then
+    `oracle`; only those named in `wanted` when given."""
 
     def asked(name: str) -> bool:
         return wanted is None or name in wanted
@@ -763,7 +886,7 @@ def _with_references(
     if asked("none"):
         rows.append(Ranking(NO_FILTERING, "none", np.zeros(0, dtype=np.int64)))
     if asked("random"):
-        rows.append(Ranking(RANDOM, "random", random_drop(n_train, count, seed)))
+        rows.append(Ranking(RANDOM, "random", random_dropped))
     rows += found
     if asked("oracle"):
         if noisy is not None:

@@ -4,9 +4,11 @@ against a direct computation, and the command's one-line errors."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,12 @@ from typer.testing import CliRunner
 from hydra_store.analysis.cleaning import (
     CLEAN_GROUP,
     TrainingRecipe,
+    class_drop_counts,
     drop_count,
     drop_lowest,
+    drop_lowest_within_class,
     random_drop,
+    random_drop_within_class,
     run_cleaning,
     store_recipe,
     train_from_scratch,
@@ -119,6 +124,109 @@ def test_drop_count_and_random_drop():
     assert not (a == random_drop(1437, 719, seed=5)).all()
 
 
+def brute_force_counts(rate: float, sizes: list[int]) -> list[int]:
+    """Of every integer vector 0 <= c_k <= n_k adding up to round(r N): the closest to r n_k
+    in squared distance (what the largest remainders give), ties to the lower classes."""
+    total = round(rate * sum(sizes))
+    exact = Fraction(repr(rate))
+    best = None
+    for counts in itertools.product(*(range(n + 1) for n in sizes)):
+        if sum(counts) != total:
+            continue
+        distance = sum((c - exact * n) ** 2 for c, n in zip(counts, sizes, strict=True))
+        key = (distance, tuple(-c for c in counts))  # then the most to the lowest classes
+        if best is None or key < best[0]:
+            best = (key, list(counts))
+    assert best is not None
+    return best[1]
+
+
+def test_class_drop_counts_against_brute_force():
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(300):
+        k = int(rng.integers(1, 5))
+        sizes = rng.integers(1, 7, size=k).tolist()
+        classes = np.sort(rng.choice(10, size=k, replace=False))  # not 0..k-1: observed ones
+        labels = rng.permutation(np.repeat(classes, sizes))
+        rate = float(rng.choice([0.1, 0.25, 0.3, 0.5, 0.7, 0.8, 0.15, 0.45, 0.9]))
+        n = labels.size
+        if round(rate * n) >= n:
+            with pytest.raises(InvalidArgumentError, match="leaves none to train on"):
+                class_drop_counts(rate, labels)
+            continue
+        counts = class_drop_counts(rate, labels)
+        assert list(counts) == classes.tolist()
+        assert list(counts.values()) == brute_force_counts(rate, sizes)
+        assert sum(counts.values()) == drop_count(rate, n) == round(rate * n)
+        for c, size in zip(classes.tolist(), sizes, strict=True):
+            assert abs(counts[c] - Fraction(repr(rate)) * size) < 1 and counts[c] <= size
+        checked += 1
+    assert checked > 200
+
+
+def test_class_drop_counts_worked_examples():
+    # r n_c is the decimal rate times n_c: 0.7 x 10 is 7 (the binary 0.7, times 10, is just
+    # under 7)
+    assert class_drop_counts(0.7, np.repeat([0, 1], 10)) == {0: 7, 1: 7}
+    # 0.5 x (3, 3, 3, 1) = 1.5, 1.5, 1.5, 0.5: total 5, floors 1, 1, 1, 0; the two extra go to
+    # the tied remainders of the lowest classes
+    labels = np.repeat([0, 1, 2, 3], [3, 3, 3, 1])
+    assert class_drop_counts(0.5, labels) == {0: 2, 1: 2, 2: 1, 3: 0}
+    # 0.3 x (10, 5, 5) = 3, 1.5, 1.5: total 6, floors 3, 1, 1: the tie goes to class 7
+    labels = np.repeat([4, 7, 9], [10, 5, 5])
+    assert class_drop_counts(0.3, labels) == {4: 3, 7: 2, 9: 1}
+    # the largest remainders, not the lowest classes: 0.3 x (1, 3, 6) = 0.3, 0.9, 1.8: total 3,
+    # floors 0, 0, 1, remainders 0.3, 0.9, 0.8
+    assert class_drop_counts(0.3, np.repeat([0, 1, 2], [1, 3, 6])) == {0: 0, 1: 1, 2: 2}
+    assert class_drop_counts(0.2, np.repeat([0, 1], [4, 2])) == {0: 1, 1: 0}  # 0.8 > 0.4
+    with pytest.raises(InvalidArgumentError, match="integer label"):
+        class_drop_counts(0.5, np.array([0.5, 1.0]))
+
+
+def test_drop_within_class_equals_a_naive_per_class_sort():
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        n = int(rng.integers(5, 60))
+        labels = rng.choice([0, 2, 3, 8], size=n, p=[0.5, 0.3, 0.15, 0.05])
+        index = rng.permutation(n)  # training indices in no order
+        values = np.round(rng.normal(size=n), 1)  # ties
+        rate = float(rng.choice([0.2, 0.5, 0.8]))
+        counts = class_drop_counts(rate, labels)
+        naive = []
+        for c, count in counts.items():
+            mine = sorted((v, i) for v, i in zip(values, index, strict=True) if labels[i] == c)
+            naive += [i for _, i in mine[:count]]
+        dropped = drop_lowest_within_class(index, values, labels, counts)
+        assert dropped.tolist() == sorted(naive), trial
+        assert dropped.size == round(rate * n)
+        for c, count in counts.items():
+            assert (labels[dropped] == c).sum() == count
+    # a global ranking that would take a whole class takes only its share within classes
+    labels = np.repeat([0, 1], [10, 10])
+    values = np.where(labels == 0, -1.0, 1.0)
+    assert drop_lowest(np.arange(20), values, 10).tolist() == list(range(10))
+    within = drop_lowest_within_class(np.arange(20), values, labels, {0: 5, 1: 5})
+    assert within.tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    with pytest.raises(InvalidArgumentError, match="name the classes"):
+        drop_lowest_within_class(np.arange(20), values, labels, {0: 5})
+    with pytest.raises(InvalidArgumentError, match="cannot drop 11 of 10"):
+        drop_lowest_within_class(np.arange(20), values, labels, {0: 11, 1: 0})
+
+
+def test_random_drop_within_class():
+    rng = np.random.default_rng(2)
+    labels = rng.choice([1, 4, 6], size=300, p=[0.6, 0.3, 0.1])
+    counts = class_drop_counts(0.8, labels)
+    a = random_drop_within_class(labels, counts, seed=4)
+    assert a.dtype == np.int64 and a.size == np.unique(a).size == round(0.8 * 300)
+    assert {c: int((labels[a] == c).sum()) for c in counts} == counts
+    assert np.array_equal(a, random_drop_within_class(labels, counts, seed=4))
+    b = random_drop_within_class(labels, counts, seed=5)
+    for c in counts:  # a different draw in every class
+        assert not np.array_equal(a[labels[a] == c], b[labels[b] == c])
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -131,6 +239,10 @@ def test_drop_count_and_random_drop():
         (CleanConfig(device="tpu"), "--device"),
         (CleanConfig(workers=0), "--workers"),
         (CleanConfig(test_set=""), "--test-set"),
+        (
+            CleanConfig(within_class=True, rankings=("none", "oracle")),
+            "--within-class changes only",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(config, message):
@@ -177,6 +289,53 @@ def test_a_ranking_drops_exactly_what_it_names(noisy_copy):
     assert list(ds.ranking.values) == ["analysis:total_contribution"]
     assert np.flatnonzero(ds.dropped.values[0]).tolist() == brute
     assert summary.n_drop == count and ds.attrs["rate"] == 0.3
+
+
+def test_within_class_drops_each_class_share_and_is_recorded(noisy_copy):
+    """The stored HyDRA ranking and random within each training label (noisy, as trained on)
+    against a naive per-class sort of the stored values; a later global run replaces the
+    group whole, its attributes included."""
+    summary = run_cleaning(
+        noisy_copy, rankings=("random", "hydra", "oracle"), seeds=1, rate=0.3, within_class=True
+    )
+    root = zarr.open_group(noisy_copy, mode="r")
+    labels = np.asarray(root["train_label"][:])
+    sample = np.asarray(root["sample"][:])
+    train_labels = np.empty(sample.size, dtype=np.int64)
+    train_labels[sample] = labels
+    assert np.array_equal(train_labels, load_run_data(noisy_copy).train.targets.numpy())
+    values = np.asarray(root["analysis/validation/total_contribution"][:], dtype=np.float64)
+    counts = class_drop_counts(0.3, train_labels)
+    naive = []
+    for c, count in counts.items():
+        mine = sorted((v, i) for v, i in zip(values, sample, strict=True) if train_labels[i] == c)
+        naive += [i for _, i in mine[:count]]
+    ds = xr.open_zarr(str(noisy_copy), group=f"{CLEAN_GROUP}/validation")
+    assert list(ds.ranking.values) == ["random", "analysis:total_contribution", "oracle"]
+    dropped = ds.dropped.values
+    assert np.flatnonzero(dropped[1]).tolist() == sorted(naive)
+    assert np.array_equal(
+        np.flatnonzero(dropped[0]), random_drop_within_class(train_labels, counts, seed=0)
+    )
+    assert (dropped[2] == root["is_noisy"][:]).all()  # the oracle is unchanged
+    for row in (0, 1):
+        per_class = {c: int((train_labels[dropped[row]] == c).sum()) for c in counts}
+        assert per_class == counts
+    assert ds.n_dropped.values.tolist() == [round(0.3 * sample.size)] * 2 + [
+        int(root["is_noisy"][:].sum())
+    ]
+    assert ds.attrs["within_class"] is True and ds.attrs["config"]["within_class"] is True
+    assert ds.attrs["class_drop_counts"] == {str(c): n for c, n in counts.items()}
+    assert summary.within_class and "dropped within each class" in summary.lines()[0]
+
+    again = run_cleaning(noisy_copy, rankings=("random",), seeds=1, rate=0.3)
+    ds = xr.open_zarr(str(noisy_copy), group=f"{CLEAN_GROUP}/validation")
+    assert ds.attrs["within_class"] is False and ds.attrs["class_drop_counts"] is None
+    assert ds.attrs["config"]["within_class"] is False
+    assert np.array_equal(
+        np.flatnonzero(ds.dropped.values[0]), random_drop(sample.size, round(0.3 * sample.size), 0)
+    )
+    assert "within each class" not in "\n".join(again.lines())
 
 
 def test_retraining_from_scratch_equals_a_plain_sgd_loop():
@@ -313,6 +472,21 @@ def test_a_config_that_does_not_describe_the_trajectory_is_refused(noisy_copy):
 # -- the command --------------------------------------------------------------------------------
 
 
+def test_clean_command_within_class(noisy_copy):
+    result = runner.invoke(
+        app,
+        ["clean", str(noisy_copy), "--within-class", "--method", "random", "--seeds", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "dropped within each class" in result.output
+    ds = xr.open_zarr(str(noisy_copy), group=f"{CLEAN_GROUP}/validation")
+    assert ds.attrs["within_class"] is True and ds.attrs["rate"] == 0.5
+    labels = load_run_data(noisy_copy).train.targets.numpy()
+    counts = class_drop_counts(0.5, labels)
+    expected = random_drop_within_class(labels, counts, seed=0)
+    assert np.array_equal(np.flatnonzero(ds.dropped.values[0]), expected)
+
+
 def test_clean_command_prints_the_table(noisy_copy):
     result = runner.invoke(
         app, ["clean", str(noisy_copy), "--method", "none", "--method", "oracle", "--seeds", "1"]
@@ -335,6 +509,10 @@ def test_clean_command_prints_the_table(noisy_copy):
         (["--seeds", "0"], ["--seeds must be between 1"]),
         (["--evaluate-on", "synthetic:n=50,size=28,test=20"], ["shape"]),
         (["--test-set", "nothing.npz"], []),
+        (
+            ["--within-class", "--method", "none", "--method", "oracle"],
+            ["--within-class changes only", "leave out --within-class"],
+        ),
     ],
 )
 def test_clean_command_errors_are_one_line(noisy_store, args, fragments):
@@ -347,6 +525,7 @@ def test_clean_command_defaults_are_the_configs():
     defaults = {p.name: p.default for p in command.params if not p.required}
     config = CleanConfig()
     names = ("test_set", "evaluate_on", "rate", "seeds", "seed", "scheduler", "workers", "device")
+    names += ("within_class",)
     for name in names:
         assert defaults[name] == getattr(config, name), name
     assert defaults["method"] is None and config.rankings is None
