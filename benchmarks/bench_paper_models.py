@@ -15,6 +15,11 @@ not timed here (docs/scaling.md measures it).
     .venv/bin/python benchmarks/bench_paper_models.py --steps 5
     .venv/bin/python benchmarks/bench_paper_models.py --models lenet5 --tracked 400,2000,10000
     .venv/bin/python benchmarks/bench_paper_models.py --device cuda --tracked 400,2000
+    .venv/bin/python benchmarks/bench_paper_models.py --device cuda --device-memory-budget 1MiB
+
+`--device-memory-budget` (with --device cuda) caps the GPU memory the tracked state may take:
+a state over it stays in host memory, each step's batch rows staged to the GPU and back
+(core/host_staged_state.py), which is what a state larger than the GPU costs.
 
 With `--device cuda` the models, the data and the tracked state are on the GPU (where the
 state's planned partitions fit: the plan is made against host memory, docs/scaling.md), and
@@ -34,6 +39,7 @@ import torch
 
 from hydra_store.data.datasets import load_dataset
 from hydra_store.data.models import build_model
+from hydra_store.recording.memory import parse_size
 from hydra_store.recording.recorder import HydraRecorder
 
 SHAPES = {"lenet5": "channels=1,size=28", "densenet40": "channels=3,size=32"}
@@ -61,7 +67,17 @@ def plain_step(model: torch.nn.Module, optimizer, x, y) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_steps(name: str, shape, x, y, tracked: int, batch: int, steps: int, store: Path):
+def interleaved_steps(
+    name: str,
+    shape,
+    x,
+    y,
+    tracked: int,
+    batch: int,
+    steps: int,
+    store: Path,
+    device_memory_budget: int | None = None,
+):
     """Per-step seconds of plain training and of recording, one step of each in turn (so that
     the machine's load moves both alike), and where the tracked state lives."""
     plain_model = build_model(name, input_shape=shape, n_classes=10).to(x.device)
@@ -77,6 +93,7 @@ def interleaved_steps(name: str, shape, x, y, tracked: int, batch: int, steps: i
         planned_steps=steps + 1,
         planned_epochs=1,
         planned_checkpoints=2,
+        device_memory_budget=device_memory_budget,
     )
     plan = recorder.plan
     plain, recorded = [], []
@@ -92,9 +109,12 @@ def interleaved_steps(name: str, shape, x, y, tracked: int, batch: int, steps: i
             recorded.append(time.perf_counter() - start)
     finally:
         recorder.fail("benchmark: the training phase only")
-    where = (
-        "memory" if plan is None or plan.n_partitions == 1 else f"{plan.n_partitions} partitions"
-    )
+    if plan is not None and plan.partitioned:
+        where = f"{plan.n_partitions} partitions"
+    elif plan is not None and plan.location == "host":
+        where = "host memory, staged"
+    else:
+        where = "memory"
     return plain, recorded, where
 
 
@@ -105,7 +125,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device-memory-budget", default=None)
     args = parser.parse_args()
+    device_budget = (
+        None if args.device_memory_budget is None else parse_size(args.device_memory_budget)
+    )
     counts = [int(c) for c in args.tracked.split(",")]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -126,7 +150,15 @@ def main() -> None:
             for tracked in counts:
                 store = Path(tmp) / f"{name}-{tracked}.zarr"
                 plain_times, times, where = interleaved_steps(
-                    name, data.input_shape, x, y, tracked, args.batch_size, args.steps, store
+                    name,
+                    data.input_shape,
+                    x,
+                    y,
+                    tracked,
+                    args.batch_size,
+                    args.steps,
+                    store,
+                    device_budget,
                 )
                 plain, record = per_step(plain_times), per_step(times)
                 state = tracked * params * 4 * 2 / 2**30

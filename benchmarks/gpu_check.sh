@@ -134,6 +134,8 @@ else
   # MobileNetV2 (2.2M parameters) with 10,000 tracked would need an 89 GB store: not here.
   BENCH_RUNS=("lenet5 400,2000,10000" "densenet40 400,2000,10000" "mobilenetv2 400,2000")
 fi
+# LeNet-5 with its state in host memory (staged), beside the same run with it on the GPU.
+STAGED_RUN="lenet5 2000,10000"
 
 # -- 1. the CUDA tests ---------------------------------------------------------------------------
 mapfile -t CUDA_TESTS < <(grep -rl "pytest.mark.cuda" tests --include "test_*.py" | sort)
@@ -155,6 +157,11 @@ record digits-cpu cpu "${DIGITS[@]}"
 LENET=(--dataset "$LENET_DATA" --model lenet5 --epochs 1)
 record lenet-gpu "$DEVICE" "${LENET[@]}"
 record lenet-cpu cpu "${LENET[@]}"
+# The tracked state kept in host memory, each batch's rows staged to the GPU and back (what a
+# state larger than the GPU's budget gets): the same hypergradients as the state on the GPU.
+if [ "$DEVICE" = cuda ]; then
+  record lenet-gpu-host "$DEVICE" "${LENET[@]}" --device-memory-budget 1MiB
+fi
 
 # -- 3. the analysers with --device cuda against the CPU, on the GPU-recorded digits store ------
 analysers() {  # analysers STORE DEVICE RESULTS: analyze, hydra-exact and validate into RESULTS
@@ -192,6 +199,12 @@ import zarr
 from scipy.stats import spearmanr
 
 work, device = Path(sys.argv[1]), sys.argv[2]
+if (work / "lenet-gpu-host.zarr").exists():
+    staged = zarr.open_group(work / "lenet-gpu-host.zarr", mode="r")
+    resident = zarr.open_group(work / "lenet-gpu.zarr", mode="r")
+    a, b = staged["hypergradient"][:], resident["hypergradient"][:]
+    error = np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
+    print(f"LeNet-5 hypergradients, state in host memory against on the GPU: {error:.2e}")
 pairs = [
     ("digits-gpu-on-gpu.zarr", "digits-gpu-on-cpu.zarr", "digits, recorded on the GPU"),
     (f"lenet-cpu-on-{device}.zarr", "lenet-cpu-on-cpu.zarr", "LeNet-5, recorded on the CPU"),
@@ -225,7 +238,7 @@ for gpu_name, cpu_name, what in pairs:
             print(f"  base test loss gpu {base[0]:.8f} cpu {base[1]:.8f}")
 sys.exit(1 if failed else 0)
 EOF
-grep -E "max \|gpu| against " "$OUT/compare.txt" | sed 's/^ */        /' | tee -a "$SUMMARY"
+grep -E "max \|gpu| against |host memory against" "$OUT/compare.txt" | sed 's/^ */        /' | tee -a "$SUMMARY"
 
 # -- 4. the paper's models: plain SGD steps and HydraRecorder steps, interleaved ----------------
 for run in "${BENCH_RUNS[@]}"; do
@@ -234,6 +247,12 @@ for run in "${BENCH_RUNS[@]}"; do
     "$PY" benchmarks/bench_paper_models.py --models "$model" --tracked "$tracked" \
     --device "$DEVICE" "${BENCH[@]}"
 done
+if [ "$DEVICE" = cuda ]; then
+  read -r model tracked <<<"$STAGED_RUN"
+  step "bench_paper_models $model --tracked $tracked --device cuda --device-memory-budget 1MiB" \
+    240 "$OUT/bench.txt" "$PY" benchmarks/bench_paper_models.py --models "$model" \
+    --tracked "$tracked" --device cuda --device-memory-budget 1MiB "${BENCH[@]}"
+fi
 read -r model tracked <<<"${BENCH_RUNS[0]}"
 step "bench_paper_models $model --tracked $tracked --device cpu" 240 "$OUT/bench.txt" \
   "$PY" benchmarks/bench_paper_models.py --models "$model" --tracked "$tracked" --device cpu \

@@ -123,6 +123,12 @@ def record(
         help="Memory the tracked state may take, e.g. 4GiB (default: 80% of the memory "
         "available). A larger state is recorded in partitions after training.",
     ),
+    device_memory_budget: str = typer.Option(
+        _RECORD.device_memory_budget,
+        help="With --device cuda: GPU memory the tracked state may take (default: 70% of the "
+        "GPU's free memory). A larger state stays in host memory, each batch's rows copied to "
+        "the GPU and back (approximate mode), or is recorded in partitions.",
+    ),
     project_dim: int = typer.Option(
         _RECORD.project_dim,
         help="Track a seeded random projection (a tensor sketch) of the hypergradients to this many "
@@ -198,6 +204,7 @@ def record(
             data_root=None if data_root is None else str(data_root),
             validation_fraction=validation_fraction,
             memory_budget=memory_budget,
+            device_memory_budget=device_memory_budget,
             project_dim=project_dim,
             scheduler=scheduler,
             workers=workers,

@@ -93,6 +93,8 @@ class RecordConfig:
     data_root: str | None = None
     validation_fraction: float = 0.0
     memory_budget: str | None = None  # e.g. "4GiB"; None: 80% of the memory available
+    # GPU memory the tracked state may take (--device cuda); None: 70% of the GPU's free memory.
+    device_memory_budget: str | None = None
     project_dim: int | None = None
     scheduler: str = "threads"  # where partitions run when the state exceeds the budget
     workers: int = 1
@@ -146,18 +148,17 @@ class RecordConfig:
             bad("track", f"must be 'all', a count, or an existing index file; got {track!r}")
         if track.isdigit() and int(track) < 1:
             bad("track", "must track at least one sample")
-        if self.memory_budget is not None:
-            from dask.utils import parse_bytes
-
-            try:
-                budget = parse_bytes(self.memory_budget)
-            except (ValueError, TypeError, OverflowError):
-                bad(
-                    "memory-budget",
-                    f"{self.memory_budget!r} is not a size; write e.g. 4GiB or 500MB",
-                )
-            if budget <= 0:
-                bad("memory-budget", f"must be a positive size, got {self.memory_budget!r}")
+        for option, size in (
+            ("memory-budget", self.memory_budget),
+            ("device-memory-budget", self.device_memory_budget),
+        ):
+            if size is not None:
+                check_size(option, size)
+        if self.device_memory_budget is not None and self.device != "cuda":
+            bad(
+                "device-memory-budget",
+                "is the GPU memory the tracked state may take; give it with --device cuda",
+            )
         if self.project_dim is not None:
             if self.project_dim < 1:
                 bad("project-dim", f"must be at least 1, got {self.project_dim}")
@@ -183,6 +184,22 @@ class RecordConfig:
     def from_attrs(cls, attrs: dict[str, Any]) -> RecordConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in attrs.items() if k in names})
+
+
+def check_size(option: str, text: str) -> int:
+    """A size such as 4GiB or 500MB in bytes (dask's parser), or InvalidArgumentError naming
+    `--option`."""
+    from dask.utils import parse_bytes
+
+    try:
+        size = int(parse_bytes(text))
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidArgumentError(
+            f"--{option}: {text!r} is not a size; write e.g. 4GiB or 500MB"
+        ) from None
+    if size <= 0:
+        raise InvalidArgumentError(f"--{option}: must be a positive size, got {text!r}")
+    return size
 
 
 def validate_device(device: str | None) -> None:

@@ -100,14 +100,41 @@ def map_tasks(
 
             tasks = [dask.delayed(task, pure=False)(*args) for args in arguments]
             return list(dask.compute(*tasks, num_workers=n_workers))
-        from distributed import as_completed
+        return _map_on_cluster(client, function, arguments, shared, progress, description)
 
+
+# Times the shared objects are scattered again after a worker that held them died.
+LOST_DATA_RETRIES = 3
+
+
+def _map_on_cluster(client, function, arguments, shared, progress, description) -> list:
+    """`map_tasks` on a dask.distributed client. A worker that dies takes its tasks with it
+    (the scheduler runs them again elsewhere) and possibly the only copy of a scattered object
+    (dask's memory manager may drop broadcast replicas): the tasks that needed it are then
+    cancelled, and they are submitted again with the objects scattered anew."""
+    from distributed import as_completed
+
+    total = len(arguments)
+    results: list[Any] = [None] * total
+    todo = list(range(total))
+    done = 0
+    for _ in range(LOST_DATA_RETRIES + 1):
         sent = [client.scatter(item, broadcast=True, hash=False) for item in shared]
-        futures = [client.submit(function, *sent, *args, pure=False) for args in arguments]
-        order = {future.key: n for n, future in enumerate(futures)}
-        results: list[Any] = [None] * total
-        for done, future in enumerate(as_completed(futures), start=1):
-            results[order[future.key]] = future.result()
+        futures = {client.submit(function, *sent, *arguments[n], pure=False): n for n in todo}
+        cancelled = []
+        for future in as_completed(futures):
+            if future.cancelled():
+                cancelled.append(futures[future])
+                continue
+            results[futures[future]] = future.result()
+            done += 1
             if progress is not None:
                 progress(description, done, total)
-        return results
+        if not cancelled:
+            return results
+        todo = sorted(cancelled)
+    raise SchedulerError(
+        f"{len(todo)} of {total} {description} were cancelled {LOST_DATA_RETRIES + 1} times: "
+        "the workers holding their data kept dying; check the cluster's workers (memory "
+        "limits, nanny restarts) and run again"
+    )

@@ -19,3 +19,12 @@ def available_memory_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def device_free_memory_bytes(device) -> int | None:
+    """Free memory of a CUDA device (`torch.cuda.mem_get_info`); None for any other device."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info(device)[0])

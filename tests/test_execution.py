@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import pytest
 
 from hydra_store.errors import SchedulerError
@@ -45,3 +48,44 @@ def test_shared_objects_reach_every_task(scheduler):
         weighted_sum, [(i,) for i in range(4)], scheduler=scheduler, shared=(weights,)
     )
     assert results == [0, 5, 14, 33]
+
+
+def weighted_sum_dying_once(marker: str, weights: list[int], index: int) -> int:
+    """The first call anywhere ends its worker process (a marker file makes it once)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return weights[index] * index
+    os._exit(1)
+
+
+def test_tasks_whose_shared_data_died_with_a_worker_are_run_again(tmp_path, monkeypatch):
+    """The shared objects scattered to one worker only (as dask's memory manager may leave a
+    broadcast), and that worker killed by the first task: the tasks are cancelled, then
+    submitted again with the objects scattered anew, and every result and progress count is
+    right."""
+    from distributed import Client, LocalCluster
+
+    scatter = Client.scatter
+
+    def to_one_worker(self, data, **kwargs):
+        kwargs["broadcast"] = False
+        return scatter(self, data, **kwargs)
+
+    monkeypatch.setattr(Client, "scatter", to_one_worker)
+    marker = str(tmp_path / "died")
+    reports = []
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=None, processes=True
+    ) as cluster:
+        results = map_tasks(
+            functools.partial(weighted_sum_dying_once, marker),
+            [(i,) for i in range(6)],
+            scheduler=cluster.scheduler_address,
+            shared=([3, 5, 7, 11, 13, 17],),
+            progress=lambda *report: reports.append(report),
+            description="sums",
+        )
+    assert os.path.exists(marker), "no worker died: the test did not test anything"
+    assert results == [0, 5, 14, 33, 52, 85]
+    assert [done for _, done, _ in reports] == list(range(1, 7))

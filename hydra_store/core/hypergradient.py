@@ -301,11 +301,12 @@ class ExactHypergradient:
         rows = None if batch is None else batch.rows.cpu().numpy()
         for start in range(0, self.state.n_rows, self.chunk_size):
             stop = min(self.state.n_rows, start + self.chunk_size)
-            h = self.state.read_rows(start, stop)
+            device = weights_before.device
+            h = self.state.read_rows(start, stop).to(device)
             new_m = hessian_vector_products(loss, weights_before, h)
             new_m.add_(h, alpha=lam)
             if self.state.has_momentum:
-                new_m.add_(self.state.read_momentum_rows(start, stop), alpha=p)
+                new_m.add_(self.state.read_momentum_rows(start, stop).to(device), alpha=p)
             if rows is not None:
                 inside = np.nonzero((rows >= start) & (rows < stop))[0]
                 if inside.size:

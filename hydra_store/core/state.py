@@ -45,7 +45,8 @@ class TrackedState(ABC):
 
     @abstractmethod
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        """h of rows [start, stop) as a (stop - start, P) tensor (read only)."""
+        """h of rows [start, stop) as a (stop - start, P) tensor (read only), on `device` or
+        in host memory."""
 
     @abstractmethod
     def read_momentum_rows(self, start: int, stop: int) -> torch.Tensor:
@@ -80,6 +81,58 @@ class StateFactory(Protocol):
     ) -> TrackedState: ...
 
 
+def affine_row_update(
+    h_old: torch.Tensor,
+    m_old: torch.Tensor | None,
+    transition: torch.Tensor,
+    injection: torch.Tensor | None,
+    gradients: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(h, m) <- transition @ (h, m) + injection * gradients` for a block of gathered rows
+    (`h_old`, `m_old` (R, width), which it may overwrite); `transition` and `injection` in the
+    rows' dtype and device."""
+    if m_old is None:
+        h_new = h_old.mul_(transition[:, 0, 0, None])
+        if gradients is not None:
+            h_new.addcmul_(gradients, injection[:, 0, None])
+        return h_new, None
+    h_new = torch.mul(h_old, transition[:, 0, 0, None])
+    h_new.addcmul_(m_old, transition[:, 0, 1, None])
+    m_new = m_old.mul_(transition[:, 1, 1, None])
+    m_new.addcmul_(h_old, transition[:, 1, 0, None])
+    if gradients is not None:
+        h_new.addcmul_(gradients, injection[:, 0, None])
+        m_new.addcmul_(gradients, injection[:, 1, None])
+    return h_new, m_new
+
+
+def allocate_dense_state(
+    n_rows: int,
+    width: int,
+    *,
+    has_momentum: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    remedy: str = "track fewer samples (--track N)",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zeroed h (and m, with momentum) of n_rows x width on `device`, or one error line that
+    says how much could not be allocated where, and `remedy`."""
+    if n_rows <= 0 or width <= 0:
+        raise InvalidArgumentError(
+            f"tracked state needs at least one row and one column, got {n_rows}x{width}"
+        )
+    try:
+        h = torch.zeros(n_rows, width, dtype=dtype, device=device)
+        m = torch.zeros(n_rows, width, dtype=dtype, device=device) if has_momentum else None
+    except (RuntimeError, MemoryError) as error:
+        gib = state_nbytes(n_rows, width, has_momentum, dtype) / 2**30
+        raise InvalidArgumentError(
+            f"the tracked state needs {gib:.1f} GiB on {device} and could not be allocated; "
+            f"{remedy}"
+        ) from error
+    return h, m
+
+
 class InMemoryTrackedState(TrackedState):
     """The whole state as dense tensors on one device (host RAM or GPU memory)."""
 
@@ -92,28 +145,14 @@ class InMemoryTrackedState(TrackedState):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        if n_rows <= 0 or width <= 0:
-            raise InvalidArgumentError(
-                f"tracked state needs at least one row and one column, got {n_rows}x{width}"
-            )
         self.n_rows, self.width = n_rows, width
         self.has_momentum = has_momentum
         self.dtype = dtype
         self.device = torch.device(device)
         self._scratch: torch.Tensor | None = None
-        try:
-            self.h = torch.zeros(n_rows, width, dtype=dtype, device=self.device)
-            self.m = (
-                torch.zeros(n_rows, width, dtype=dtype, device=self.device)
-                if has_momentum
-                else None
-            )
-        except (RuntimeError, MemoryError) as error:
-            gib = self.nbytes / 2**30
-            raise InvalidArgumentError(
-                f"the tracked state needs {gib:.1f} GiB on {self.device} and could not be "
-                "allocated; track fewer samples (--track N)"
-            ) from error
+        self.h, self.m = allocate_dense_state(
+            n_rows, width, has_momentum=has_momentum, dtype=dtype, device=self.device
+        )
 
     @classmethod
     def on_buffers(
@@ -169,22 +208,11 @@ class InMemoryTrackedState(TrackedState):
         if injection is not None:
             injection = injection.to(device=self.device, dtype=self.dtype)
         h_old = self.h.index_select(0, rows)
-        if self.m is None:
-            h_new = h_old.mul_(transition[:, 0, 0, None])
-            if gradients is not None:
-                h_new.addcmul_(gradients, injection[:, 0, None])
-            self.h.index_copy_(0, rows, h_new)
-            return
-        m_old = self.m.index_select(0, rows)
-        h_new = torch.mul(h_old, transition[:, 0, 0, None])
-        h_new.addcmul_(m_old, transition[:, 0, 1, None])
-        m_new = m_old.mul_(transition[:, 1, 1, None])
-        m_new.addcmul_(h_old, transition[:, 1, 0, None])
-        if gradients is not None:
-            h_new.addcmul_(gradients, injection[:, 0, None])
-            m_new.addcmul_(gradients, injection[:, 1, None])
+        m_old = None if self.m is None else self.m.index_select(0, rows)
+        h_new, m_new = affine_row_update(h_old, m_old, transition, injection, gradients)
         self.h.index_copy_(0, rows, h_new)
-        self.m.index_copy_(0, rows, m_new)
+        if self.m is not None:
+            self.m.index_copy_(0, rows, m_new)
 
     def _update_rowwise(self, rows, transition, injection=None, gradients=None) -> None:
         coefficients = transition.to(torch.float64).cpu().tolist()

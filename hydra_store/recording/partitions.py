@@ -47,6 +47,7 @@ from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
 from hydra_store.core.projection import projector_from_attrs
 from hydra_store.core.sgd import SGDSettings
 from hydra_store.core.state import InMemoryTrackedState
+from hydra_store.core.transfer import DeviceToHost
 from hydra_store.errors import StoreFormatError
 from hydra_store.execution import map_tasks
 from hydra_store.recording.gradient_log import GradientLogReader, log_folder, remove_log
@@ -313,6 +314,7 @@ class _PartitionRun:
         loss = data.loss or recorded_loss(attrs.get("loss"), None)
 
         self.pool = pool or StatePool()
+        self.to_host = DeviceToHost(self.device)
 
         def state(width: int) -> InMemoryTrackedState:
             return self.pool.take(
@@ -444,11 +446,16 @@ class _PartitionRun:
     def _write_rows(self, array: zarr.Array, prefix: tuple, tracker) -> None:
         """The partition's rows into `array[*prefix, start:stop]`, one chunk of rows at a time
         (so that the encoder's buffers stay at a chunk, not the whole partition)."""
-        block = array.chunks[len(prefix)]
+        block, target = array.chunks[len(prefix)], writable(array)
+        queued = None  # the previous block, copied to the host while this one is produced
         for first in range(0, self.selection.n_rows, block):
             last = min(self.selection.n_rows, first + block)
-            rows = _as_float32(tracker.hypergradient_rows(first, last))
-            writable(array)[(*prefix, slice(self.start + first, self.start + last))] = rows
+            rows = self.to_host.to_host(tracker.hypergradient_rows(first, last))
+            if queued is not None:
+                target[queued[0]] = queued[1].numpy()
+            queued = ((*prefix, slice(self.start + first, self.start + last)), rows)
+        if queued is not None:
+            target[queued[0]] = queued[1].numpy()
 
     def _step(
         self,
@@ -506,10 +513,6 @@ class _PartitionRun:
             return
         for name, tracker in self._trackers():
             self._write_rows(self.group[f"{name}_history"], (checkpoint,), tracker)
-
-
-def _as_float32(rows: torch.Tensor) -> np.ndarray:
-    return np.asarray(rows.detach().cpu().numpy(), dtype=np.float32)
 
 
 def _data_from_store(path: str) -> TrainingData:

@@ -38,6 +38,7 @@ from hydra_store.core.fingerprints import (
     sample_digests,
 )
 from hydra_store.core.gradients import PerSampleGradients, batch_gradient
+from hydra_store.core.host_staged_state import HostStagedTrackedState
 from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
     ExactHypergradient,
@@ -65,6 +66,7 @@ from hydra_store.core.sgd import (
 )
 from hydra_store.core.sketched_gradients import SketchedGradients
 from hydra_store.core.state import InMemoryTrackedState, StateFactory, state_nbytes
+from hydra_store.core.transfer import DeviceToHost
 from hydra_store.data.models import check_supported_model
 from hydra_store.errors import InvalidArgumentError, unwrap_interruption
 from hydra_store.recording.durable import restore_durable_point
@@ -74,11 +76,13 @@ from hydra_store.recording.memory import (
     available_memory_bytes,
     check_disk_fits,
     check_state_fits,
+    default_device_budget,
     default_memory_budget,
     plan_state,
 )
 from hydra_store.recording.named_run import resolve_named_run
 from hydra_store.recording.partitions import TrainingData, run_partitions
+from hydra_store.resources import device_free_memory_bytes
 from hydra_store.store.arrays import matrix_chunks, writable
 from hydra_store.store.format import STATUS_COMPLETE, STATUS_FAILED, consolidate, now_iso
 from hydra_store.store.location import StorePath, is_url
@@ -152,6 +156,11 @@ class HydraRecorder:
             stored per-step weights (hydra_store.recording.partitions, docs/scaling.md); then
             `finish` needs the training data.
         workers: partitions recorded at once (each holds its own share of the budget).
+        device_memory_budget: for a model on a GPU, bytes of GPU memory the tracked state may
+            take (default: 70% of the GPU's free memory now). A state over it but within
+            `memory_budget` stays in host memory, each step's batch rows copied to the GPU and
+            back through pinned buffers (core/host_staged_state.py), in the approximate mode;
+            otherwise it is recorded in partitions that fit it.
         planned_steps, planned_checkpoints, planned_epochs: the run's length when known, for
             the up-front check that the store (and a partitioned run's gradient log) fits the
             free disk space.
@@ -200,6 +209,7 @@ class HydraRecorder:
         projector: Projector | None = None,
         memory_budget: int | None = None,
         workers: int = 1,
+        device_memory_budget: int | None = None,
         planned_steps: int | None = None,
         planned_checkpoints: int | None = None,
         planned_epochs: int | None = None,
@@ -245,11 +255,12 @@ class HydraRecorder:
         self.hypergradient_history = hypergradient_history
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        self._to_host = DeviceToHost(self.device)
         labels = self._labels(train_labels, "train_labels")
         clean = self._labels(clean_labels, "clean_labels")
         self.state_dtype = state_dtype or self.dtype
         self.has_momentum = settings.momentum != 0
-        self.plan = self._plan_state(state_factory, memory_budget, workers)
+        self.plan = self._plan_state(state_factory, memory_budget, workers, device_memory_budget)
         self._check_disk(store, planned_steps, planned_checkpoints, planned_epochs)
         self._build_trackers(state_factory)
         self.per_sample = PerSampleGradients(model, self.layout, self.loss)
@@ -349,15 +360,30 @@ class HydraRecorder:
         return self.partitioned and self.mode == "approximate" and not self.projector.is_identity
 
     def _plan_state(
-        self, state_factory: StateFactory, memory_budget: int | None, workers: int
+        self,
+        state_factory: StateFactory,
+        memory_budget: int | None,
+        workers: int,
+        device_memory_budget: int | None,
     ) -> StatePlan | None:
-        """Where the state lives (in memory, or partitions after training); None for a state
-        backend of the caller's own or a trajectory-only recording."""
+        """Where the state lives (in memory, in host memory while the GPU computes, or
+        partitions after training); None for a state backend of the caller's own or a
+        trajectory-only recording."""
+        if device_memory_budget is not None and self.device.type != "cuda":
+            raise InvalidArgumentError(
+                "--device-memory-budget is for a model on a GPU (--device cuda); this one is "
+                f"on {self.device.type}"
+            )
         if self.mode == "trajectory" or state_factory is not InMemoryTrackedState:
             return None
         per_row = sum(state_nbytes(1, w, self.has_momentum, self.state_dtype) for w in self._widths)
         available = available_memory_bytes()
         budget = default_memory_budget(available) if memory_budget is None else memory_budget
+        device_budget = (
+            default_device_budget(device_free_memory_bytes(self.device))
+            if device_memory_budget is None
+            else device_memory_budget
+        )
         chunk_rows = matrix_chunks(self.selection.n_rows, max(self._widths))[0]
         return plan_state(
             self.selection.n_rows,
@@ -367,6 +393,8 @@ class HydraRecorder:
             workers=workers,
             chunk_rows=chunk_rows,
             available=available,
+            device_budget=device_budget,
+            host_staging=self.mode == "approximate",
         )
 
     def _check_disk(
@@ -415,6 +443,8 @@ class HydraRecorder:
                 state_nbytes(1, w, self.has_momentum, self.state_dtype) for w in self._widths
             )
             check_state_fits(self.selection.n_rows, per_row, available_memory_bytes())
+        if self.plan is not None and self.plan.location == "host":
+            state_factory = HostStagedTrackedState
         if self.mode in ("approximate", "both"):
             state = new_state(self.projector.width)
             self.approximate = ApproximateHypergradient(state, self.selection)
@@ -869,7 +899,7 @@ class HydraRecorder:
                     f"{name}_history",
                     self.selection.n_rows,
                     tracker.state.width,
-                    lambda a, b, tr=tracker: tr.hypergradient_rows(a, b).detach().cpu().numpy(),
+                    lambda a, b, tr=tracker: self._to_host.to_host(tr.hypergradient_rows(a, b)),
                     dims=("checkpoint", "sample", self._dim(name)),
                     attrs={"long_name": "dw_t/d eps_i at each checkpoint"},
                 )
@@ -959,7 +989,7 @@ class HydraRecorder:
                 name,
                 self.selection.n_rows,
                 tracker.state.width,
-                lambda a, b, tr=tracker: tr.hypergradient_rows(a, b).detach().cpu().numpy(),
+                lambda a, b, tr=tracker: self._to_host.to_host(tr.hypergradient_rows(a, b)),
                 dims=("sample", self._dim(name)),
                 attrs={"step": self.step_count, "long_name": "dw_T/d eps_i"},
                 progress=progress,

@@ -251,6 +251,11 @@ def _open_recorder(
         overwrite=config.overwrite,
         projector=projector,
         memory_budget=None if config.memory_budget is None else parse_size(config.memory_budget),
+        device_memory_budget=(
+            None
+            if config.device_memory_budget is None
+            else parse_size(config.device_memory_budget, "--device-memory-budget")
+        ),
         workers=config.workers,
         planned_steps=planned_steps,
         planned_checkpoints=config.epochs // config.checkpoint_every + 2,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from hydra_store.core.transfer import HostRows
 from hydra_store.errors import InvalidArgumentError
 from hydra_store.store.arrays import create_array, matrix_chunks, writable, write_array
 from hydra_store.store.durable import drop_durable_points
@@ -116,9 +117,11 @@ class RecordingStore:
     ) -> None:
         """Stream a (rows, param) float32 array in whole row-chunks and wait for it.
 
-        `read_block(start, stop)` produces the rows (on the caller's thread); the zarr encode
-        and write of one block runs on a background thread while the next block is produced,
-        with at most two blocks in flight, so memory stays at a few chunks whatever n_rows is.
+        `read_block(start, stop)` produces the rows (on the caller's thread): a numpy array, or
+        `HostRows` still being copied from a GPU (waited for on the writer's thread). The zarr
+        encode and write of one block runs on a background thread while the next block is
+        produced, with at most two blocks in flight, so memory stays at a few chunks whatever
+        n_rows is.
         """
         chunks = matrix_chunks(n_rows, width)
         array = self.create_array(
@@ -164,13 +167,14 @@ class RecordingStore:
         for start in range(0, n_rows, row_chunk):
             stop = min(n_rows, start + row_chunk)
             block = read_block(start, stop)
-            # A copy only where the caller keeps changing the rows (float64 -> float32
-            # conversion copies anyway).
-            block = (np.array if copy else np.asarray)(block, dtype=np.float32, order="C")
+            if not isinstance(block, HostRows):
+                # A copy only where the caller keeps changing the rows (float64 -> float32
+                # conversion copies anyway); HostRows are a snapshot already.
+                block = (np.array if copy else np.asarray)(block, dtype=np.float32, order="C")
             while len(self._pending) >= 2:
                 self._pending.pop(0).result()
             key = (*prefix, slice(start, stop))
-            self._pending.append(self._executor.submit(array.__setitem__, key, block))
+            self._pending.append(self._executor.submit(_write_block, array, key, block))
             if progress is not None:
                 progress(stop, n_rows)
 
@@ -206,3 +210,9 @@ class RecordingStore:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def _write_block(array: zarr.Array, key: tuple, block: np.ndarray | HostRows) -> None:
+    if isinstance(block, HostRows):
+        block = np.asarray(block.numpy(), dtype=np.float32, order="C")
+    array[key] = block

@@ -15,7 +15,6 @@ import xarray as xr
 import zarr
 from typer.testing import CliRunner
 
-import hydra_store
 from hydra_store import RunInputs
 from hydra_store.analysis import reverse, validation
 from hydra_store.analysis.lds import run_lds
@@ -215,24 +214,13 @@ def test_a_dropout_run_recorded_on_cuda_is_analysed_on_cuda(tmp_path):
     mode on CUDA equals the forward recording (1e-10 of the largest value, as on the CPU in
     tests/recording/test_batch_norm.py), retraining on CUDA reproduces the stored weights; on
     the CPU, and for a CPU-recorded copy on CUDA, it is refused: the masks would differ."""
-    from tests.recording.test_batch_norm import N_TRAIN, coupled_net, data
+    from tests.recording.test_batch_norm import N_TRAIN, coupled_net, data, record_coupled_run
 
     (x, y), test = data()
     runs = {}
     for device in ("cpu", "cuda"):
         path = tmp_path / f"{device}.zarr"
-        model = coupled_net().to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-        generator = torch.Generator().manual_seed(2)
-        recorder = hydra_store.HydraRecorder(
-            model, optimizer, path, n_train=N_TRAIN, mode="both", seed=3
-        )
-        with recorder:
-            for _ in range(2):
-                for index in torch.randperm(N_TRAIN, generator=generator).split(6):
-                    recorder.step(x[index], y[index], index)
-                recorder.end_epoch()
-            h_exact = recorder.hypergradients(True).clone().cpu()
+        model, _, _, h_exact = record_coupled_run(path, device)
         runs[device] = (path, model, h_exact)
     inputs = RunInputs(coupled_net, (x, y), test)
     path, trained, h_exact = runs["cuda"]

@@ -42,14 +42,13 @@ def data():
     return (x[:N_TRAIN], y[:N_TRAIN]), (x[N_TRAIN:], y[N_TRAIN:])
 
 
-@pytest.fixture(scope="module")
-def coupled_run(tmp_path_factory):
+def record_coupled_run(path, device: str = "cpu"):
     """Two epochs of batches 6, 6, 4 with momentum and weight decay, every sample tracked by
-    both recurrences."""
-    path = tmp_path_factory.mktemp("bn") / "bn.zarr"
-    (x, y), test = data()
-    model = coupled_net()
-    initial = get_flat_parameters(model, ParameterLayout.from_model(model)).clone()
+    both recurrences, on `device`: (model, initial weights, h, h_exact), all but the model on
+    the CPU."""
+    (x, y), _ = data()
+    model = coupled_net().to(device)
+    initial = get_flat_parameters(model, ParameterLayout.from_model(model)).clone().cpu()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     generator = torch.Generator().manual_seed(2)
     recorder = hydra_store.HydraRecorder(
@@ -60,8 +59,17 @@ def coupled_run(tmp_path_factory):
             for index in torch.randperm(N_TRAIN, generator=generator).split(6):
                 recorder.step(x[index], y[index], index)
             recorder.end_epoch()
-        h, h_exact = recorder.hypergradients().clone(), recorder.hypergradients(True).clone()
-    return path, (x, y), test, initial, h, h_exact, model
+        h = recorder.hypergradients().clone().cpu()
+        h_exact = recorder.hypergradients(True).clone().cpu()
+    return model, initial, h, h_exact
+
+
+@pytest.fixture(scope="module")
+def coupled_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bn") / "bn.zarr"
+    train, test = data()
+    model, initial, h, h_exact = record_coupled_run(path)
+    return path, train, test, initial, h, h_exact, model
 
 
 def test_hypergradients_equal_autograd_through_the_unrolled_training(coupled_run):

@@ -7,7 +7,9 @@ from __future__ import annotations
 import shutil
 from collections import namedtuple
 
+import numpy as np
 import pytest
+import zarr
 from typer.testing import CliRunner
 
 from hydra_store.errors import InvalidArgumentError
@@ -106,6 +108,12 @@ def test_little_memory_records_in_partitions_instead_of_being_killed(tmp_path, m
         (["--memory-budget", "plenty"], "--memory-budget: 'plenty' is not a size"),
         (["--memory-budget", "1e400"], "--memory-budget: '1e400' is not a size"),
         (["--workers", "0"], "--workers: must be at least 1"),
+        (
+            ["--device-memory-budget", "1GiB"],
+            "--device-memory-budget: is the GPU memory the tracked state may take; give it "
+            "with --device cuda",
+        ),
+        (["--device-memory-budget", "lots"], "--device-memory-budget: 'lots' is not a size"),
         (["--project-dim", "64", "--mode", "both"], "--project-dim: projects the approximate"),
         (["--project-dim", "5000"], "--project-dim 5000 is not smaller than the 2410 parameters"),
     ],
@@ -135,3 +143,67 @@ def test_the_share_of_memory_is_the_documented_default():
     assert memory.STATE_MEMORY_SHARE == 0.8
     assert memory.default_memory_budget(1000) == 800
     assert memory.default_memory_budget(None) is None
+
+
+def test_a_gpu_budget_keeps_a_state_on_the_gpu_in_host_memory_or_in_partitions():
+    """Host budget 100,000 bytes; 1,000 rows of 50 bytes (50,000) or 150 bytes (150,000)."""
+    on_gpu = plan_state(1000, 50, budget=100_000, available=10**9, device_budget=60_000)
+    assert (on_gpu.location, on_gpu.n_partitions) == ("device", 1)
+    assert on_gpu.describe().endswith("tracked state 48.8 KiB for 1000 samples, in GPU memory")
+    assert "GPU budget 58.6 KiB" in on_gpu.describe()
+    # Over the GPU's budget but within the host's: host memory, where the recurrence allows.
+    staged = plan_state(
+        1000, 50, budget=100_000, available=10**9, device_budget=20_000, host_staging=True
+    )
+    assert (staged.location, staged.n_partitions, staged.partitioned) == ("host", 1, False)
+    assert "in host memory: each step's batch rows are copied to the GPU and back" in (
+        staged.describe()
+    )
+    # The exact recurrence touches every row every step: partitions that fit the GPU.
+    exact = plan_state(1000, 50, budget=100_000, available=10**9, device_budget=20_000)
+    assert (exact.location, exact.rows_per_partition, exact.n_partitions) == ("device", 400, 3)
+    # Over the host's budget: partitions that fit the smaller of the two budgets.
+    for device_budget, rows in ((30_000, 200), (200_000, 666)):
+        plan = plan_state(
+            1000,
+            150,
+            budget=100_000,
+            available=10**9,
+            device_budget=device_budget,
+            host_staging=True,
+        )
+        assert (plan.partitioned, plan.rows_per_partition) == (True, rows)
+    with pytest.raises(InvalidArgumentError, match="more than the GPU memory budget of 100 B"):
+        plan_state(10, 150, budget=10**6, available=10**9, device_budget=100)
+    with pytest.raises(InvalidArgumentError, match="give --device-memory-budget at least 150 B"):
+        plan_state(10, 150, budget=10**6, available=10**9, device_budget=100)
+
+
+def test_the_gpu_share_is_the_documented_default():
+    assert memory.DEVICE_STATE_SHARE == 0.7
+    assert memory.default_device_budget(1000) == 700
+    assert memory.default_device_budget(None) is None
+
+
+def test_a_state_over_the_gpu_budget_is_recorded_in_host_memory_with_the_same_result(
+    tmp_path, monkeypatch
+):
+    """The recorder's choice and the backend it builds, on the CPU: the GPU's free memory is
+    faked to 100 KiB (the state is 26.4 MiB), so the state goes to host memory, staged."""
+    default = tmp_path / "default.zarr"
+    assert (
+        CliRunner().invoke(app, ["record", "--epochs", "1", "--out", str(default)]).exit_code == 0
+    )
+    monkeypatch.setattr(
+        "hydra_store.recording.recorder.device_free_memory_bytes", lambda device: 100 * 2**10
+    )
+    staged = tmp_path / "staged.zarr"
+    result = CliRunner().invoke(app, ["record", "--epochs", "1", "--out", str(staged)])
+    assert result.exit_code == 0, result.output
+    assert "GPU budget 70.0 KiB; tracked state 26.4 MiB for 1437 samples, in host memory" in (
+        result.output
+    )
+    a, b = zarr.open_group(default, mode="r"), zarr.open_group(staged, mode="r")
+    assert float(np.abs(a["hypergradient"][:]).max()) > 0
+    np.testing.assert_allclose(b["hypergradient"][:], a["hypergradient"][:], rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(b["weights"][:], a["weights"][:])
