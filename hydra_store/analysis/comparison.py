@@ -23,7 +23,7 @@ from hydra_store.analysis.methods import (
 )
 from hydra_store.analysis.metrics import pearson, sign_error_rate, spearman
 from hydra_store.analysis.reverse import (
-    adjoint_contributions,
+    adjoint_contributions_at_checkpoints,
     read_reverse_group,
     run_exact_analysis,
 )
@@ -100,8 +100,8 @@ class MethodScore:
 class CheckpointStudy:
     """Each method scored against the exact contribution of all N training samples at each
     chosen checkpoint (the paper's Figures 4 and 5): row 0 is HyDRA's approximation (from the
-    same adjoint sweeps as the exact contribution), the others the methods that give C(i) at any
-    checkpoint. `seconds`: each row's cost (row 0: the sweeps, which also give the exact C(i));
+    same adjoint sweep as the exact contribution), the others the methods that give C(i) at any
+    checkpoint. `seconds`: each row's cost (row 0: the sweep, which also gives the exact C(i));
     `errors`: why a row has no scores (None when it has)."""
 
     checkpoint: np.ndarray
@@ -229,10 +229,12 @@ def checkpoint_study(
 ) -> CheckpointStudy:
     """Score HyDRA's approximation and each of `methods` ((method, its config, whether the
     config is the one it last ran with)) against the exact contribution at checkpoints 1,
-    1+every, ..., and the last. The exact and approximate C(i) at a checkpoint come from an
-    adjoint truncated there, with the test direction taken at its weights (about K/2 full
-    sweeps for K checkpoints); each method's from its `totals_at`, computed as it would be by a
-    run with `checkpoint=k` (a method that fails gets a row of NaN and its error)."""
+    1+every, ..., and the last. The exact and approximate C(i) at a checkpoint are those of an
+    adjoint truncated there, with the test direction taken at its weights, all from one
+    backward sweep from the last checkpoint (`adjoint_contributions_at_checkpoints`: one replay
+    of the trajectory, the same C(i) to the bit as one truncated sweep per checkpoint); each
+    method's from its `totals_at`, computed as it would be by a run with `checkpoint=k` (a
+    method that fails gets a row of NaN and its error)."""
     if every < 1:
         raise InvalidArgumentError(f"--every must be >= 1, got {every}")
     trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
@@ -255,25 +257,36 @@ def checkpoint_study(
         except (AnalysisError, InvalidArgumentError) as error:
             failures[row] = str(error)
         seconds[row] = time.perf_counter() - started
-    scratch = model_at_checkpoint(path, 0, inputs=inputs)
-    for column, k in enumerate(chosen):
-        started = time.perf_counter()
+    started = time.perf_counter()
+    directions = {}
+    for k in chosen:
         model = model_at_checkpoint(path, k, inputs=inputs)
         u, _ = mean_loss_gradient(
             model, trajectory.layout, tests.inputs, tests.targets, loss=trajectory.loss
         )
-        result = adjoint_contributions(trajectory, scratch, data.train, u[None], checkpoint=k)
-        exact = result.exact[0]
-        seconds[0] += time.perf_counter() - started
+        directions[k] = u[None]
+    adjoints = (
+        adjoint_contributions_at_checkpoints(
+            trajectory,
+            model_at_checkpoint(path, 0, inputs=inputs),
+            data.train,
+            directions,
+            progress=progress,
+            description="reverse sweep, all checkpoints",
+        )
+        if chosen
+        else {}
+    )
+    seconds[0] = time.perf_counter() - started
+    for column, k in enumerate(chosen):
+        exact = adjoints[k].exact[0]
         for row in range(rows):
-            values = result.approx[0] if row == 0 else predicted[row]
+            values = adjoints[k].approx[0] if row == 0 else predicted[row]
             if values is None:
                 continue
             values = values if row == 0 else values[column]
             errors[row, column] = sign_error_rate(values, exact)
             correlations[row, column] = spearman(values, exact)
-        if progress is not None:
-            progress("checkpoints", column + 1, len(chosen))
     return CheckpointStudy(
         checkpoint=np.asarray(chosen, dtype=np.int64),
         step=np.asarray([int(trajectory.checkpoint_step[k]) for k in chosen], dtype=np.int64),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,64 +158,122 @@ def adjoint_contributions(
     replay does not reproduce its stored end checkpoint (with `check`).
     """
     end = resolve_checkpoint(len(trajectory.checkpoint_step), checkpoint)
+    results = adjoint_contributions_at_checkpoints(
+        trajectory, model, train, {end: directions}, check=check, progress=progress
+    )
+    return results[end]
+
+
+def adjoint_contributions_at_checkpoints(
+    trajectory: Trajectory,
+    model: torch.nn.Module,
+    train: Split,
+    directions: Mapping[int, torch.Tensor | np.ndarray],
+    *,
+    check: bool = True,
+    progress: Progress | None = None,
+    description: str = "reverse sweep",
+) -> dict[int, AdjointResult]:
+    """`adjoint_contributions` at several checkpoints in one backward sweep.
+
+    `directions` maps each checkpoint (negative counts from the end) to its (K_k, P) test
+    directions, taken at that checkpoint's weights. The sweep starts at the last of them; as it
+    reaches each earlier one's step it adds that checkpoint's adjoint rows (a_w = b_w = its
+    directions, a_v = b_v = 0) and their scores, and from there every step's one first-order
+    graph serves all active rows. The trajectory is replayed (and checked) once, where one sweep
+    per checkpoint replays it about K/2 times for checkpoints 1..K (the second-order products
+    still add up: checkpoint k's rows are carried over its k segments). Each checkpoint's rows
+    keep tensors of their own, so their
+    arithmetic is that of `adjoint_contributions(..., checkpoint=k)` operation for operation
+    and the results are the same to the bit. Returns {checkpoint: AdjointResult}, by ascending
+    checkpoint; checkpoint 0 gets zero contributions (no step precedes it).
+    """
+    n_checkpoints = len(trajectory.checkpoint_step)
     layout = trajectory.layout
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
-    directions = torch.as_tensor(directions).to(device, dtype)
-    if directions.ndim == 1:
-        directions = directions[None]
-    if directions.ndim != 2 or directions.shape[1] != layout.n_params:
-        raise InvalidArgumentError(
-            f"directions must be (K, {layout.n_params}); got {tuple(directions.shape)}"
-        )
+    rows: dict[int, torch.Tensor] = {}
+    for checkpoint, given in directions.items():
+        end = resolve_checkpoint(n_checkpoints, checkpoint)
+        if end in rows:
+            raise InvalidArgumentError(
+                f"checkpoint {end} is given twice; give each checkpoint's directions once"
+            )
+        rows[end] = _direction_rows(given, layout.n_params, dtype, device)
+    if not rows:
+        raise InvalidArgumentError("no checkpoint given: map at least one to its directions")
     n_train = trajectory.n_train
     if len(train) != n_train:
         raise AnalysisError(
             f"the training split has {len(train)} samples but the store records n_train={n_train}"
         )
-    k = directions.shape[0]
-    a_w, a_v = directions.clone(), torch.zeros_like(directions)
-    b_w, b_v = directions.clone(), torch.zeros_like(directions)
-    s_exact = torch.zeros(k, n_train, dtype=torch.float64, device=device)
-    s_approx = torch.zeros(k, n_train, dtype=torch.float64, device=device)
     with flush_denormals():
-        _sweep(
-            trajectory,
-            model,
-            train,
-            end,
-            (a_w, a_v, b_w, b_v),
-            (s_exact, s_approx),
-            check,
-            progress,
-        )
+        adjoints = _sweep(trajectory, model, train, rows, check, progress, description)
     factor = -1.0 / n_train
-    return AdjointResult(
-        exact=(s_exact * factor).cpu().numpy(),
-        approx=(s_approx * factor).cpu().numpy(),
-        checkpoint=end,
-        step=int(trajectory.checkpoint_step[end]),
-    )
+    return {
+        end: AdjointResult(
+            exact=(adjoints[end].s_exact * factor).cpu().numpy(),
+            approx=(adjoints[end].s_approx * factor).cpu().numpy(),
+            checkpoint=end,
+            step=int(trajectory.checkpoint_step[end]),
+        )
+        for end in sorted(rows)
+    }
 
 
-def _sweep(trajectory, model, train, end, state, scores, check, progress) -> None:
-    """The backward sweep of `adjoint_contributions`, accumulating into s_exact / s_approx."""
-    a_w, a_v, b_w, b_v = state
-    s_exact, s_approx = scores
+def _direction_rows(
+    directions: torch.Tensor | np.ndarray, n_params: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Directions as (K, P) rows of the model's dtype on its device, checked."""
+    directions = torch.as_tensor(directions).to(device, dtype)
+    if directions.ndim == 1:
+        directions = directions[None]
+    if directions.ndim != 2 or directions.shape[1] != n_params or directions.shape[0] == 0:
+        raise InvalidArgumentError(
+            f"directions must be (K, {n_params}) with K >= 1; got {tuple(directions.shape)}"
+        )
+    return directions
+
+
+class _Adjoint:
+    """One checkpoint's adjoint rows (exact a_w, a_v; approximate b_w, b_v: (K, P)) and their
+    scores s (K, N), float64."""
+
+    def __init__(self, directions: torch.Tensor, n_train: int) -> None:
+        k, device = directions.shape[0], directions.device
+        self.a_w, self.a_v = directions.clone(), torch.zeros_like(directions)
+        self.b_w, self.b_v = directions.clone(), torch.zeros_like(directions)
+        self.s_exact = torch.zeros(k, n_train, dtype=torch.float64, device=device)
+        self.s_approx = torch.zeros(k, n_train, dtype=torch.float64, device=device)
+
+
+def _sweep(trajectory, model, train, rows, check, progress, description) -> dict[int, _Adjoint]:
+    """The backward sweep from the last checkpoint of `rows` ({checkpoint: (K, P) directions})
+    to step 0, each checkpoint's adjoint joining at its step."""
     n_train, layout = trajectory.n_train, trajectory.layout
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
-    total = int(trajectory.checkpoint_step[end])
+    last = max(rows)
+    adjoints: dict[int, _Adjoint] = {}
+    active: list[_Adjoint] = []
+
+    def join(checkpoint: int) -> None:
+        if checkpoint in rows:
+            adjoints[checkpoint] = _Adjoint(rows[checkpoint], n_train)
+            active.append(adjoints[checkpoint])
+
+    total = int(trajectory.checkpoint_step[last])
     done = 0
     inputs, targets = train.inputs, train.targets
-    for segment in range(end - 1, -1, -1):
+    for segment in range(last - 1, -1, -1):
+        join(segment + 1)
         steps = list(trajectory.replay_segment(model, train, segment, check=check))
         for step in reversed(steps):
             s = step.settings
             index = torch.from_numpy(np.asarray(step.batch_index, dtype=np.int64))
             scale = n_train / index.numel()
-            a_vt = a_v - s.lr * a_w
-            b_vt = b_v - s.lr * b_w
+            a_vt = [adjoint.a_v - s.lr * adjoint.a_w for adjoint in active]
+            b_vt = [adjoint.b_v - s.lr * adjoint.b_w for adjoint in active]
             with step_randomness(trajectory.step_seed(step.step), device):
                 hv, ga, gb = adjoint_step_products(
                     model,
@@ -223,21 +281,27 @@ def _sweep(trajectory, model, train, end, state, scores, check, progress) -> Non
                     inputs[index].to(device, dtype),
                     targets[index].to(device),
                     step.weights_before.to(device, dtype),
-                    a_vt,
-                    b_vt,
+                    torch.cat(a_vt),
+                    torch.cat(b_vt),
                     trajectory.loss,
                 )
             device_index = index.to(device)
-            s_exact.index_add_(1, device_index, ga.to(torch.float64), alpha=scale)
-            s_approx.index_add_(1, device_index, gb.to(torch.float64), alpha=scale)
-            a_w = a_w + hv + s.weight_decay * a_vt
-            b_w = b_w + s.weight_decay * b_vt
-            a_v = s.momentum * a_vt
-            b_v = s.momentum * b_vt
+            start = 0
+            for adjoint, a, b in zip(active, a_vt, b_vt, strict=True):
+                own = slice(start, start + a.shape[0])
+                start = own.stop
+                adjoint.s_exact.index_add_(1, device_index, ga[own].to(torch.float64), alpha=scale)
+                adjoint.s_approx.index_add_(1, device_index, gb[own].to(torch.float64), alpha=scale)
+                adjoint.a_w = adjoint.a_w + hv[own] + s.weight_decay * a
+                adjoint.b_w = adjoint.b_w + s.weight_decay * b
+                adjoint.a_v = s.momentum * a
+                adjoint.b_v = s.momentum * b
             done += 1
             if progress is not None:
-                progress("reverse sweep", done, total)
+                progress(description, done, total)
         del steps
+    join(0)
+    return adjoints
 
 
 # -- tasks and the analysis --------------------------------------------------------------------

@@ -12,10 +12,15 @@ from typer.testing import CliRunner
 
 from hydra_store.analysis.comparison import HYDRA_CURVE, run_comparison
 from hydra_store.analysis.influence import run_influence
+from hydra_store.analysis.methods import default_methods
 from hydra_store.analysis.metrics import pearson, sign_error_rate, spearman
-from hydra_store.analysis.reverse import run_exact_analysis
+from hydra_store.analysis.reverse import adjoint_contributions, run_exact_analysis
+from hydra_store.analysis.test_sets import resolve_test_set
 from hydra_store.analysis.tracin import run_tracin
 from hydra_store.analysis.trak import run_trak
+from hydra_store.core.gradients import mean_loss_gradient
+from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
+from hydra_store.replay.trajectory import Trajectory
 from hydra_store_cli.reverse import register
 
 
@@ -98,6 +103,49 @@ def test_every_baseline_over_checkpoints(float64_run, tmp_path):
         line.startswith("skipped influence/test: computed at checkpoint 2")
         for line in again.lines()
     )
+
+
+def test_checkpoint_curves_equal_one_truncated_sweep_per_checkpoint(float64_run, tmp_path):
+    """The study's one backward sweep (replaying the 21 steps once, one progress bar) stores the
+    curves that one sweep truncated at each checkpoint gives, the way they were computed before:
+    at checkpoints 1 and 3 (`every=2`), HyDRA's approximation and TracIn against the exact C(i)
+    of `adjoint_contributions(..., checkpoint=k)` with u taken at checkpoint k."""
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(float64_run.path, path)
+    calls = []
+    run_comparison(
+        path,
+        "test",
+        every=2,
+        checkpoint_methods=("tracin",),
+        png=tmp_path / "curves.png",
+        progress=lambda d, a, b: calls.append((d, a, b)),
+    )
+    stage = "reverse sweep, all checkpoints"
+    assert [c for c in calls if c[0] == stage] == [(stage, t, 21) for t in range(1, 22)]
+    ds = xr.open_zarr(str(path), group="reverse/test/comparison")
+    np.testing.assert_array_equal(ds["checkpoint"].values, [1, 3])
+    np.testing.assert_array_equal(ds["checkpoint_step"].values, [7, 21])
+    sign_errors = ds["sign_error_over_checkpoints"].values
+    correlations = ds["spearman_over_checkpoints"].values
+    assert sign_errors.shape == correlations.shape == (2, 2)
+
+    trajectory = Trajectory(path)
+    train = load_run_data(path).train
+    tests = resolve_test_set(path, "test")
+    tracin = default_methods()["tracin"]
+    predicted = tracin.totals_at(path, [1, 3], tracin.default_checkpoint_config("test"))
+    for column, k in enumerate([1, 3]):
+        model = model_at_checkpoint(path, k)
+        u = mean_loss_gradient(model, trajectory.layout, tests.inputs, tests.targets)[0]
+        separate = adjoint_contributions(
+            trajectory, model_at_checkpoint(path, 0), train, u[None], checkpoint=k
+        )
+        exact = separate.exact[0]
+        for row, values in enumerate((separate.approx[0], predicted[column])):
+            assert sign_errors[row, column] == sign_error_rate(values, exact)
+            assert correlations[row, column] == pytest.approx(spearman(values, exact), rel=1e-12)
+    assert np.isfinite(correlations).all() and not np.allclose(correlations[0], correlations[1])
 
 
 def test_cli_compare_and_validate(float64_run, tmp_path):

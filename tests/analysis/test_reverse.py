@@ -13,10 +13,19 @@ import torch
 import xarray as xr
 import zarr
 
-from hydra_store.analysis.reverse import adjoint_contributions, run_exact_analysis
+from hydra_store.analysis.reverse import (
+    adjoint_contributions,
+    adjoint_contributions_at_checkpoints,
+    run_exact_analysis,
+)
 from hydra_store.analysis.test_sets import resolve_test_set
 from hydra_store.arguments import RecordConfig
-from hydra_store.core.gradients import mean_loss_gradient, per_sample_loss_gradients
+from hydra_store.core.gradients import (
+    batch_loss_function,
+    mean_loss_gradient,
+    per_sample_loss_function,
+    per_sample_loss_gradients,
+)
 from hydra_store.data.datasets import load_dataset
 from hydra_store.data.models import build_model
 from hydra_store.data.training_data import dataset_attrs
@@ -238,3 +247,110 @@ def test_per_test_directions_on_a_local_cluster_equal_threads(float64_run, tmp_p
         cluster["contribution_approx"].values, threads["contribution_approx"].values, rtol=1e-12
     )
     assert np.abs(cluster["contribution_exact"].values).max() > 0
+
+
+def naive_adjoint(
+    trajectory: Trajectory, model: torch.nn.Module, train, checkpoint: int, u: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """(exact, approximate) C(i) of one direction taken at `checkpoint`, step by step with
+    torch.autograd.functional (a Jacobian for the batch's per-sample gradients, an hvp of its
+    mean loss for H a): independent of adjoint_step_products' weighted double backward."""
+    n = trajectory.n_train
+    a_w, a_v, b_w, b_v = u.clone(), torch.zeros_like(u), u.clone(), torch.zeros_like(u)
+    s_exact = torch.zeros(n, dtype=torch.float64)
+    s_approx = torch.zeros(n, dtype=torch.float64)
+    for segment in reversed(range(checkpoint)):
+        for step in reversed(list(trajectory.replay_segment(model, train, segment))):
+            s = step.settings
+            index = torch.as_tensor(step.batch_index, dtype=torch.int64)
+            x, y = train.inputs[index].to(torch.float64), train.targets[index]
+            losses = per_sample_loss_function(model, trajectory.layout, x, y)
+            w = step.weights_before
+            per_sample = torch.autograd.functional.jacobian(losses, w, vectorize=True)  # (B, P)
+            a_vt, b_vt = a_v - s.lr * a_w, b_v - s.lr * b_w
+            s_exact[index] += (n / index.numel()) * (per_sample @ a_vt)
+            s_approx[index] += (n / index.numel()) * (per_sample @ b_vt)
+            mean_loss = batch_loss_function(model, trajectory.layout, x, y)
+            _, h_a = torch.autograd.functional.hvp(mean_loss, w, a_vt)
+            a_w, a_v = a_w + h_a + s.weight_decay * a_vt, s.momentum * a_vt
+            b_w, b_v = b_w + s.weight_decay * b_vt, s.momentum * b_vt
+    return (-s_exact / n).numpy(), (-s_approx / n).numpy()
+
+
+def checkpoint_directions(path: Path, checkpoint: int) -> torch.Tensor:
+    """(2, P): the mean test-loss gradient and test sample 3's, at the checkpoint's weights."""
+    model = model_at_checkpoint(path, checkpoint)
+    layout = Trajectory(path).layout
+    tests = resolve_test_set(path, "test")
+    u = mean_loss_gradient(model, layout, tests.inputs, tests.targets)[0]
+    g = per_sample_loss_gradients(model, layout, tests.inputs[3:4], tests.targets[3:4])
+    return torch.cat([u[None], g.detach()])
+
+
+def test_one_sweep_serves_every_checkpoint(float64_run):
+    """One backward sweep from the last checkpoint, each earlier checkpoint's adjoint joining at
+    its step, gives at every checkpoint what a sweep truncated there gives (the same arithmetic
+    row by row), replaying the trajectory once; checkpoint 0 gets zero contributions. The
+    truncated C(i) are those of a step-by-step adjoint through torch.autograd.functional."""
+    path = float64_run.path
+    trajectory = Trajectory(path)
+    train = load_run_data(path).train
+    directions = {k: checkpoint_directions(path, k) for k in range(4)}
+    calls = []
+    results = adjoint_contributions_at_checkpoints(
+        trajectory,
+        model_at_checkpoint(path, 0),
+        train,
+        directions,
+        progress=lambda d, a, b: calls.append((d, a, b)),
+    )
+    assert list(results) == [0, 1, 2, 3]
+    assert calls == [("reverse sweep", t, 21) for t in range(1, 22)]
+    for k, result in results.items():
+        separate = adjoint_contributions(
+            trajectory, model_at_checkpoint(path, 0), train, directions[k], checkpoint=k
+        )
+        assert (
+            (result.checkpoint, result.step) == (separate.checkpoint, separate.step) == (k, 7 * k)
+        )
+        assert result.exact.shape == result.approx.shape == (2, N_TRAIN)
+        if k == 0:
+            assert not result.exact.any() and not result.approx.any()
+            assert not separate.exact.any() and not separate.approx.any()
+            continue
+        for row in range(2):
+            assert relative_error(result.exact[row], separate.exact[row]) < 1e-12
+            assert relative_error(result.approx[row], separate.approx[row]) < 1e-12
+    for k in (1, 2):
+        exact, approx = naive_adjoint(
+            trajectory, model_at_checkpoint(path, 0), train, k, directions[k][0]
+        )
+        assert relative_error(results[k].exact[0], exact) < 1e-10
+        assert relative_error(results[k].approx[0], approx) < 1e-10
+        assert relative_error(results[k].approx[0], exact) > 1e-4  # the Hessian matters
+
+    # a subset, the last named from the end, one direction (P,) at one of them
+    subset = adjoint_contributions_at_checkpoints(
+        trajectory, model_at_checkpoint(path, 0), train, {-1: directions[3], 1: directions[1][0]}
+    )
+    assert list(subset) == [1, 3]
+    assert subset[1].exact.shape == (1, N_TRAIN)
+    assert relative_error(subset[1].exact[0], results[1].exact[0]) < 1e-12
+    assert relative_error(subset[3].approx, results[3].approx) < 1e-12
+
+
+def test_one_sweep_refuses_bad_checkpoints(float64_run):
+    path = float64_run.path
+    trajectory = Trajectory(path)
+    train = load_run_data(path).train
+    model = model_at_checkpoint(path, 0)
+    u = test_direction(path)
+    for directions, message in (
+        ({3: u, -1: u}, "checkpoint 3 is given twice"),
+        ({}, "no checkpoint given"),
+        ({4: u}, "checkpoint 4 does not exist"),
+        ({2: u[None][:0]}, "directions must be"),  # no direction
+        ({2: u[:-1]}, "directions must be"),  # not P long
+    ):
+        with pytest.raises(InvalidArgumentError, match=message):
+            adjoint_contributions_at_checkpoints(trajectory, model, train, directions)
