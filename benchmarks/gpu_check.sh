@@ -16,7 +16,9 @@
 #
 # Python: $PYTHON, else .venv/bin/python where it imports torch, else python3. Wheels of missing
 # dependencies put in .whl/ are installed (pip --no-index) into a temporary folder first. The
-# package and its CLI are taken from this checkout, installed or not.
+# package and its CLI are taken from this checkout, installed or not. On the lent H200 (whose
+# image has torch but no zarr, dask or numcodecs): `bash benchmarks/gpu_wheels.sh` here first,
+# then the device call runs `bash benchmarks/gpu_check.sh` with `.whl` carried (13 MB).
 #
 # GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh: a dry run of the script
 # itself on a machine without a GPU (every "cuda" step on the CPU, small sizes).
@@ -75,7 +77,8 @@ if [ -z "$PY" ]; then
     PY=python3
   fi
 fi
-if compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G ".whl/*.whl" >/dev/null \
+  && ! "$PY" -c "import zarr, numcodecs, dask, distributed, upath" 2>/dev/null; then
   step "install .whl/ wheels" 300 "$LOG" "$PY" -m pip install -q --no-index --no-deps \
     --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl \
     && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
