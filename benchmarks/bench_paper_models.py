@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--device-memory-budget", default=None)
     args = parser.parse_args()
+    if args.device_memory_budget is not None and args.device != "cuda":
+        parser.error("--device-memory-budget is the GPU's budget: give it with --device cuda")
     device_budget = (
         None if args.device_memory_budget is None else parse_size(args.device_memory_budget)
     )
