@@ -44,11 +44,15 @@ class DeviceToHost:
         self.device = torch.device(device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def to_host(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> HostRows:
-        """A snapshot of `rows` in `dtype`, on its way to host memory."""
+    def to_host(
+        self, rows: torch.Tensor, dtype: torch.dtype = torch.float32, *, snapshot: bool = True
+    ) -> HostRows:
+        """A snapshot of `rows` in `dtype`, on its way to host memory. `snapshot=False`: the
+        caller leaves the rows alone until it has read them back, so rows already in host
+        memory (in `dtype`) are not copied."""
         rows = rows.detach()
         if self._copy_stream is None or rows.device.type != "cuda":
-            return HostRows(rows.to("cpu", dtype, copy=True))
+            return HostRows(rows.to("cpu", dtype, copy=snapshot))
         snapshot = rows.to(dtype, copy=True)
         compute = torch.cuda.current_stream(self.device)
         copy = self._copy_stream

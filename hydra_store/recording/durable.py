@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hydra_store.core.transfer import DeviceToHost
 from hydra_store.errors import InvalidArgumentError, StoreCorruptError
 from hydra_store.recording.gradient_log import cut_log, log_records
 from hydra_store.store.arrays import create_array, matrix_chunks
@@ -153,9 +154,16 @@ def _write_rows(target, name, state, read, dims) -> int:
         target, name, dims=dims, shape=(state.n_rows, state.width), dtype=dtype, chunks=chunk_rows
     )
     step = chunk_rows[0] * _BLOCK_CHUNKS
+    to_host = DeviceToHost(state.device)
+    queued = None  # the previous block, copied to the host while this one is queued
     for start in range(0, state.n_rows, step):
         stop = min(state.n_rows, start + step)
-        array[start:stop] = read(start, stop).detach().cpu().numpy()
+        rows = to_host.to_host(read(start, stop), state.dtype, snapshot=False)
+        if queued is not None:
+            array[queued[0]] = queued[1].numpy()
+        queued = (slice(start, stop), rows)
+    if queued is not None:
+        array[queued[0]] = queued[1].numpy()
     return state.n_rows * state.width * dtype.itemsize
 
 

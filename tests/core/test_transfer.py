@@ -24,6 +24,16 @@ def test_a_cpu_snapshot_is_a_float32_copy():
     np.testing.assert_array_equal(np.asarray(block, dtype=np.float64), expected.astype(np.float64))
 
 
+def test_without_a_snapshot_cpu_rows_are_not_copied():
+    rows = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+    block = DeviceToHost("cpu").to_host(rows, torch.float64, snapshot=False)
+    rows.add_(1)  # the caller promised not to; this shows that nothing was copied
+    np.testing.assert_array_equal(block.numpy(), np.arange(1, 7).reshape(2, 3))
+    converted = DeviceToHost("cpu").to_host(rows, torch.float32, snapshot=False)
+    rows.add_(1)  # a conversion copies anyway
+    np.testing.assert_array_equal(converted.numpy(), np.arange(1, 7).reshape(2, 3))
+
+
 def test_the_store_writer_writes_host_rows_while_the_caller_changes_the_source(tmp_path):
     state = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
     expected = state.numpy().copy()
