@@ -3,11 +3,11 @@ free memory, recorded by the approximate recurrence.
 
 The approximate recurrence touches only the rows of a step's batch (the lazy update), so the
 state need not be on the GPU: each `update_rows` gathers those rows into a pinned staging
-buffer, copies them to the GPU on a copy stream of its own (overlapping the gradient kernels
-still running on the compute stream), updates them there, and copies them back on the copy
-stream. The host rows are written back at the start of the next call (or read, or write), so
-the copy back overlaps whatever the caller queues next: the next step's forward and backward
-passes. Only the staging buffers are pinned: torch's pinned allocator rounds an allocation up to
+buffer, copies them to the GPU on a copy stream of its own, updates them there, and copies them
+back on the copy stream. The host rows are written back at the start of the next call (or read,
+or write), so the copy back overlaps whatever the caller queues next: the next step's forward
+and backward passes. The copy to the GPU overlaps nothing in the recorder as it is: each step
+reads the batch's rows and loss back to the host, which waits for the gradient kernels first. Only the staging buffers are pinned: torch's pinned allocator rounds an allocation up to
 a power of two (a 20 GiB state would lock 32 GiB), and the rows of a step are gathered and
 scattered by the CPU anyway.
 
