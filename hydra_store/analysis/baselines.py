@@ -217,10 +217,13 @@ def total_arrays(train: Split, values: np.ndarray, long_name: str) -> dict[str, 
 
 
 def per_test_arrays(
-    tests: TestSet, chosen: np.ndarray, values: np.ndarray, long_name: str
+    tests: TestSet, chosen: np.ndarray, values: np.ndarray | None, long_name: str
 ) -> dict[str, ArraySpec]:
     """`test` (the chosen test indices), `test_label` (class labels only) and `contribution`
-    (train, test) float64: C(i, j) for each chosen test sample j."""
+    (train, test) float64: C(i, j) for each chosen test sample j; none when `values` is None
+    (no per-test sample was asked for)."""
+    if values is None:
+        return {}
     arrays: dict[str, ArraySpec] = {"test": (np.asarray(chosen, dtype=np.int64), ("test",), {})}
     if not tests.targets.is_floating_point():
         labels = tests.targets[torch.from_numpy(np.asarray(chosen, dtype=np.int64))]

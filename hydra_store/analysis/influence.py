@@ -464,13 +464,12 @@ def run_influence(
     name = f"{INFLUENCE_GROUP}/{run.tests.name}"
     long_name = "C(i) by influence functions, (1/N) u . (H + damping I)^-1 g_i"
     arrays = total_arrays(run.train, found.total, long_name)
-    if found.per_test is not None:
-        arrays |= per_test_arrays(
-            run.tests,
-            chosen,
-            found.per_test,
-            "C(i, j) by influence functions, (1/N) g_j . (H + damping I)^-1 g_i",
-        )
+    arrays |= per_test_arrays(
+        run.tests,
+        chosen,
+        found.per_test,
+        "C(i, j) by influence functions, (1/N) g_j . (H + damping I)^-1 g_i",
+    )
     write_result_group(results, name, arrays, attrs)
     return InfluenceSummary(
         path=results,

@@ -202,13 +202,12 @@ def run_tracin(
             {"long_name": "checkpoint k's term (L_k / N) g_i(w_k) . u(w_k)"},
         ),
     }
-    if found.per_test is not None:
-        arrays |= per_test_arrays(
-            run.tests,
-            chosen,
-            found.per_test,
-            "C(i, j) by TracIn: (1/N) sum_k L_k g_i(w_k) . g_j(w_k)",
-        )
+    arrays |= per_test_arrays(
+        run.tests,
+        chosen,
+        found.per_test,
+        "C(i, j) by TracIn: (1/N) sum_k L_k g_i(w_k) . g_j(w_k)",
+    )
     seconds = time.perf_counter() - started
     attrs = {
         "method": "TracIn (TracInCP over the stored checkpoints)",

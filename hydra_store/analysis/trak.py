@@ -168,13 +168,12 @@ def run_trak(
     name = f"{TRAK_GROUP}/{run.tests.name}"
     long_name = "C(i) TRAK-style: (1/N) phi_i . (Phi^T Phi / N + damping I)^-1 phi_u"
     arrays = total_arrays(run.train, found.total, long_name)
-    if found.per_test is not None:
-        arrays |= per_test_arrays(
-            run.tests,
-            chosen,
-            found.per_test,
-            "C(i, j) TRAK-style: (1/N) phi_i . (Phi^T Phi / N + damping I)^-1 phi_j",
-        )
+    arrays |= per_test_arrays(
+        run.tests,
+        chosen,
+        found.per_test,
+        "C(i, j) TRAK-style: (1/N) phi_i . (Phi^T Phi / N + damping I)^-1 phi_j",
+    )
     write_result_group(results, name, arrays, attrs)
     return TrakSummary(
         path=results,

@@ -10,8 +10,13 @@ are written while training continues).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 import numpy as np
 import torch
+
+K = TypeVar("K")
 
 
 class HostRows:
@@ -64,3 +69,16 @@ class DeviceToHost:
             done = torch.cuda.Event()
             done.record(copy)
         return HostRows(host, done)
+
+
+def one_block_ahead(blocks: Iterable[tuple[K, HostRows]]) -> Iterator[tuple[K, np.ndarray]]:
+    """`(key, rows)` pairs as `(key, numpy array)`, one behind: block k + 1 is taken from
+    `blocks` (its copy queued) before block k is waited for, so that a caller writing block k
+    overlaps the copy of the next one."""
+    queued: tuple[K, HostRows] | None = None
+    for key, rows in blocks:
+        if queued is not None:
+            yield queued[0], queued[1].numpy()
+        queued = (key, rows)
+    if queued is not None:
+        yield queued[0], queued[1].numpy()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hydra_store.core.transfer import DeviceToHost
+from hydra_store.core.transfer import DeviceToHost, one_block_ahead
 from hydra_store.errors import InvalidArgumentError, StoreCorruptError
 from hydra_store.recording.gradient_log import cut_log, log_records
 from hydra_store.store.arrays import create_array, matrix_chunks
@@ -155,15 +155,17 @@ def _write_rows(target, name, state, read, dims) -> int:
     )
     step = chunk_rows[0] * _BLOCK_CHUNKS
     to_host = DeviceToHost(state.device)
-    queued = None  # the previous block, copied to the host while this one is queued
-    for start in range(0, state.n_rows, step):
-        stop = min(state.n_rows, start + step)
-        rows = to_host.to_host(read(start, stop), state.dtype, snapshot=False)
-        if queued is not None:
-            array[queued[0]] = queued[1].numpy()
-        queued = (slice(start, stop), rows)
-    if queued is not None:
-        array[queued[0]] = queued[1].numpy()
+
+    def blocks():
+        for start in range(0, state.n_rows, step):
+            stop = min(state.n_rows, start + step)
+            yield (
+                slice(start, stop),
+                to_host.to_host(read(start, stop), state.dtype, snapshot=False),
+            )
+
+    for rows, values in one_block_ahead(blocks()):
+        array[rows] = values
     return state.n_rows * state.width * dtype.itemsize
 
 

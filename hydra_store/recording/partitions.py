@@ -47,7 +47,7 @@ from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
 from hydra_store.core.projection import projector_from_attrs
 from hydra_store.core.sgd import SGDSettings
 from hydra_store.core.state import InMemoryTrackedState
-from hydra_store.core.transfer import DeviceToHost
+from hydra_store.core.transfer import DeviceToHost, one_block_ahead
 from hydra_store.errors import StoreFormatError
 from hydra_store.execution import map_tasks
 from hydra_store.recording.gradient_log import GradientLogReader, log_folder, remove_log
@@ -446,16 +446,16 @@ class _PartitionRun:
     def _write_rows(self, array: zarr.Array, prefix: tuple, tracker) -> None:
         """The partition's rows into `array[*prefix, start:stop]`, one chunk of rows at a time
         (so that the encoder's buffers stay at a chunk, not the whole partition)."""
-        block, target = array.chunks[len(prefix)], writable(array)
-        queued = None  # the previous block, copied to the host while this one is produced
-        for first in range(0, self.selection.n_rows, block):
-            last = min(self.selection.n_rows, first + block)
-            rows = self.to_host.to_host(tracker.hypergradient_rows(first, last))
-            if queued is not None:
-                target[queued[0]] = queued[1].numpy()
-            queued = ((*prefix, slice(self.start + first, self.start + last)), rows)
-        if queued is not None:
-            target[queued[0]] = queued[1].numpy()
+        block, target, n_rows = array.chunks[len(prefix)], writable(array), self.selection.n_rows
+
+        def blocks():
+            for first in range(0, n_rows, block):
+                last = min(n_rows, first + block)
+                rows = self.to_host.to_host(tracker.hypergradient_rows(first, last))
+                yield (*prefix, slice(self.start + first, self.start + last)), rows
+
+        for key, rows in one_block_ahead(blocks()):
+            target[key] = rows
 
     def _step(
         self,

@@ -989,7 +989,10 @@ class HydraRecorder:
                 name,
                 self.selection.n_rows,
                 tracker.state.width,
-                lambda a, b, tr=tracker: self._to_host.to_host(tr.hypergradient_rows(a, b)),
+                # Nothing changes the rows after the final write reads them: no snapshot.
+                lambda a, b, tr=tracker: self._to_host.to_host(
+                    tr.hypergradient_rows(a, b), snapshot=False
+                ),
                 dims=("sample", self._dim(name)),
                 attrs={"step": self.step_count, "long_name": "dw_T/d eps_i"},
                 progress=progress,

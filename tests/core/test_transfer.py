@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-from hydra_store.core.transfer import DeviceToHost, HostRows
+from hydra_store.core.transfer import DeviceToHost, HostRows, one_block_ahead
 from hydra_store.store.writer import RecordingStore
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,6 +32,25 @@ def test_without_a_snapshot_cpu_rows_are_not_copied():
     converted = DeviceToHost("cpu").to_host(rows, torch.float32, snapshot=False)
     rows.add_(1)  # a conversion copies anyway
     np.testing.assert_array_equal(converted.numpy(), np.arange(1, 7).reshape(2, 3))
+
+
+def test_one_block_ahead_takes_the_next_block_before_handing_out_this_one():
+    taken = []
+
+    def blocks():
+        for k in range(3):
+            taken.append(k)
+            yield k, HostRows(torch.full((1, 2), float(k)))
+
+    handed = []
+    for key, rows in one_block_ahead(blocks()):
+        handed.append((key, rows.tolist(), list(taken)))
+    assert handed == [
+        (0, [[0.0, 0.0]], [0, 1]),
+        (1, [[1.0, 1.0]], [0, 1, 2]),
+        (2, [[2.0, 2.0]], [0, 1, 2]),
+    ]
+    assert list(one_block_ahead(iter(()))) == []
 
 
 def test_the_store_writer_writes_host_rows_while_the_caller_changes_the_source(tmp_path):
