@@ -38,9 +38,9 @@ class TrackedState(ABC):
     ) -> None:
         """For each row r: `(h, m) <- transition[r] @ (h, m) + injection[r] * gradients[r]`.
 
-        `rows`: (R,) int64, distinct. `transition`: (R, 2, 2). `injection`: (R, 2) coefficients of
-        the gradient for h and m. Without momentum only `transition[:, 0, 0]` and `injection[:, 0]`
-        are used.
+        `rows`: (R,) int64, distinct, on any device. `transition`: (R, 2, 2). `injection`: (R, 2)
+        coefficients of the gradient for h and m. Without momentum only `transition[:, 0, 0]` and
+        `injection[:, 0]` are used.
         """
 
     @abstractmethod
@@ -197,13 +197,15 @@ class InMemoryTrackedState(TrackedState):
         update_rows_cpu(
             self.h.numpy(),
             None if self.m is None else self.m.numpy(),
-            rows.numpy(),
+            rows.cpu().numpy(),
             transition.numpy(),
             None if injection is None else injection.numpy(),
             None if gradients is None else gradients.detach().numpy(),
         )
 
     def _update_block(self, rows, transition, injection=None, gradients=None) -> None:
+        # index_select and index_copy_ on a GPU refuse row indices in host memory.
+        rows = rows.to(self.device)
         transition = transition.to(device=self.device, dtype=self.dtype)
         if injection is not None:
             injection = injection.to(device=self.device, dtype=self.dtype)

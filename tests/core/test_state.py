@@ -1,5 +1,6 @@
 """The tracked-state seam: a second backend dropped into the recorder gives the same
-hypergradients as the in-memory one, for the approximate and the exact recurrence."""
+hypergradients as the in-memory one, for the approximate and the exact recurrence. The
+in-memory state takes its rows on any device (on a GPU: tests marked `cuda`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import torch
 from hydra_store.core.state import InMemoryTrackedState, TrackedState, state_nbytes
 from hydra_store.errors import InvalidArgumentError
 from tests.conftest import record_small_run
+from tests.core.test_host_staged_state import play, random_calls
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 class NumpyRowState(TrackedState):
@@ -81,3 +85,42 @@ def test_in_memory_state_write_and_read_rows():
 def test_an_empty_state_is_refused():
     with pytest.raises(InvalidArgumentError, match="at least one row"):
         InMemoryTrackedState(0, 3, has_momentum=False)
+
+
+@pytest.mark.parametrize("has_momentum", [True, False])
+def test_rows_in_host_memory_reach_a_state_on_another_device(has_momentum):
+    """A GPU's index_select and index_copy_ refuse row indices in host memory, and so does the
+    meta device's index_copy_ (shapes only, no values): the rows are moved to the state."""
+    state = InMemoryTrackedState(5, 3, has_momentum=has_momentum, device="meta")
+    rows = torch.tensor([4, 1])
+    transition = torch.eye(2, dtype=torch.float64).repeat(2, 1, 1)
+    injection = torch.ones(2, 2, dtype=torch.float64)
+    state.update_rows(rows, transition, injection, torch.ones(2, 3, device="meta"))
+    state.update_rows(rows, transition)
+    assert state.read_rows(0, 5).device.type == "meta"
+    assert state.read_momentum_rows(0, 5).shape == (5, 3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("has_momentum", [True, False])
+@pytest.mark.parametrize("width", [7, InMemoryTrackedState.ROWWISE_MIN_PARAMS])
+def test_on_a_gpu_rows_on_either_device_give_the_cpu_state(has_momentum, width):
+    """A state on the GPU given rows in host memory (block and row-by-row updates), and a state
+    on the CPU given rows on the GPU, equal the CPU state given CPU rows."""
+    n_rows = 11
+    calls = random_calls(n_rows, width, steps=40, seed=width + has_momentum)
+    options = dict(has_momentum=has_momentum, dtype=torch.float64)
+    expected = play(InMemoryTrackedState(n_rows, width, **options), calls)
+    gradients_on_gpu = [
+        (*c[:4], None if c[4] is None else c[4].cuda()) if c[0] == "update" else c for c in calls
+    ]
+    rows_on_gpu = [(c[0], c[1].cuda(), *c[2:]) if c[0] == "update" else c for c in calls]
+    on_gpu = play(InMemoryTrackedState(n_rows, width, device="cuda", **options), gradients_on_gpu)
+    on_cpu = play(InMemoryTrackedState(n_rows, width, **options), rows_on_gpu)
+    assert len(on_gpu) == len(on_cpu) == len(expected) > 2
+    for gpu, cpu, want in zip(on_gpu, on_cpu, expected, strict=True):
+        assert gpu.device.type == "cuda"
+        torch.testing.assert_close(gpu.cpu(), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cpu, want, rtol=0, atol=0)
+    assert float(expected[-2].abs().max()) > 1
