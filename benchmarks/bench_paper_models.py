@@ -17,6 +17,16 @@ not timed here (docs/scaling.md measures it).
     .venv/bin/python benchmarks/bench_paper_models.py --device cuda --tracked 400,2000
     .venv/bin/python benchmarks/bench_paper_models.py --device cuda --device-memory-budget 1MiB
 
+By default every sample of a batch is tracked (the tracked samples are the first ones, drawn in
+order): the most a step can cost. `--train-size 50000` is the paper's setting instead: the
+tracked samples drawn at random from a CIFAR-sized training set, and each batch a random draw
+from it without replacement, so that a batch of 64 holds 64 x tracked / 50,000 tracked samples
+on average (0.5 for 400). A model with BatchNorm or dropout takes per-sample gradients of its
+tracked slots only (core/gradients.py `slot_gradients`), so its recording costs about 1 + that
+many backward passes a step; the `tracked/batch` column prints the mean of the timed steps.
+
+    .venv/bin/python benchmarks/bench_paper_models.py --models densenet40 --train-size 50000
+
 `--device-memory-budget` (with --device cuda) caps the GPU memory the tracked state may take:
 a state over it stays in host memory, each step's batch rows staged to the GPU and back
 (core/host_staged_state.py), which is what a state larger than the GPU costs.
@@ -77,30 +87,44 @@ def interleaved_steps(
     steps: int,
     store: Path,
     device_memory_budget: int | None = None,
+    train_size: int | None = None,
 ):
     """Per-step seconds of plain training and of recording, one step of each in turn (so that
-    the machine's load moves both alike), and where the tracked state lives."""
+    the machine's load moves both alike), where the tracked state lives, and the mean number of
+    tracked samples in a batch. With `train_size`, the tracked samples and each batch's
+    training-set indices are drawn at random from that many (the inputs are `x`'s, in turn)."""
     plain_model = build_model(name, input_shape=shape, n_classes=10).to(x.device)
     plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
     model = build_model(name, input_shape=shape, n_classes=10).to(x.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    n_train = train_size or x.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    chosen = (
+        torch.randperm(n_train, generator=generator)[:tracked].sort().values
+        if train_size
+        else torch.arange(tracked)
+    )
     recorder = HydraRecorder(
         model,
         optimizer,
         store,
-        n_train=x.shape[0],
-        tracked=range(tracked),
+        n_train=n_train,
+        tracked=chosen,
         planned_steps=steps + 1,
         planned_epochs=1,
         planned_checkpoints=2,
         device_memory_budget=device_memory_budget,
     )
     plan = recorder.plan
-    plain, recorded = [], []
+    plain, recorded, in_batch = [], [], []
+    is_tracked = torch.zeros(n_train, dtype=torch.bool)
+    is_tracked[chosen] = True
     try:
         for k in range(steps + 1):
-            index = torch.arange(k * batch, (k + 1) * batch) % x.shape[0]
-            on_device = index.to(x.device)
+            position = torch.arange(k * batch, (k + 1) * batch) % x.shape[0]
+            index = torch.randperm(n_train, generator=generator)[:batch] if train_size else position
+            in_batch.append(int(is_tracked[index].sum()))
+            on_device = position.to(x.device)
             plain.append(plain_step(plain_model, plain_optimizer, x[on_device], y[on_device]))
             synchronize(x.device)
             start = time.perf_counter()
@@ -115,7 +139,7 @@ def interleaved_steps(
         where = "host memory, staged"
     else:
         where = "memory"
-    return plain, recorded, where
+    return plain, recorded, where, statistics.mean(in_batch[1:] or in_batch)
 
 
 def main() -> None:
@@ -126,9 +150,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--device-memory-budget", default=None)
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="draw the tracked samples and the batches at random from this many training "
+        "samples (the paper's CIFAR-10: 50000); default: every sample of a batch tracked",
+    )
     args = parser.parse_args()
     if args.device_memory_budget is not None and args.device != "cuda":
         parser.error("--device-memory-budget is the GPU's budget: give it with --device cuda")
+    if args.train_size is not None and args.train_size < max(
+        int(c) for c in args.tracked.split(",")
+    ):
+        parser.error("--train-size must be at least the largest --tracked count")
     device_budget = (
         None if args.device_memory_budget is None else parse_size(args.device_memory_budget)
     )
@@ -136,12 +171,15 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch on this machine")
+    if device.type == "cuda":  # full float32, as the commands compute (docs/recording.md)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     print(
         f"{'model':<12} {'params':>10} {'tracked':>8} {'state':>10} {'plain s/step':>13} "
         f"{'record s/step':>14} {'ratio':>6} {'samples/s':>10} {'CIFAR epoch plain/record':>25} "
-        f"{'ns/(tracked x param)':>21}"
+        f"{'ns/(tracked x param)':>21} {'tracked/batch':>14}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -151,7 +189,7 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             for tracked in counts:
                 store = Path(tmp) / f"{name}-{tracked}.zarr"
-                plain_times, times, where = interleaved_steps(
+                plain_times, times, where, per_batch = interleaved_steps(
                     name,
                     data.input_shape,
                     x,
@@ -161,6 +199,7 @@ def main() -> None:
                     args.steps,
                     store,
                     device_budget,
+                    args.train_size,
                 )
                 plain, record = per_step(plain_times), per_step(times)
                 state = tracked * params * 4 * 2 / 2**30
@@ -169,7 +208,7 @@ def main() -> None:
                     f"{name:<12} {params:>10,} {tracked:>8,} {state:>7.2f} GiB {plain:>13.3f} "
                     f"{record:>14.3f} {record / plain:>6.2f} {args.batch_size / record:>10.1f} "
                     f"{CIFAR_EPOCH / args.batch_size * plain / 60:>9.1f} / {epoch / 60:>7.1f} min "
-                    f"{1e9 * record / (tracked * params):>21.4f}  ({where})"
+                    f"{1e9 * record / (tracked * params):>21.4f} {per_batch:>14.1f}  ({where})"
                 )
 
 

@@ -21,6 +21,28 @@ from hydra_store.recording.recorder import HydraRecorder
 from hydra_store.recording.training import record_run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def full_float32_on_gpus():
+    """The CUDA tests compare with the CPU in full float32, as the commands run
+    (hydra_store_cli.common.full_float32_on_gpus; docs/recording.md, "On a GPU")."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def coupled_net() -> torch.nn.Module:
+    """A tiny batch-coupled model on 4 features: Linear, BatchNorm, ReLU, dropout, Linear to 3
+    classes; float64, initial weights fixed."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 6),
+        torch.nn.BatchNorm1d(6),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(6, 3),
+    ).double()
+
+
 def tiny_config(out: Path, **overrides) -> RecordConfig:
     """digits, an MLP, 3 epochs, momentum, weight decay and a step decay: seconds to record."""
     values = dict(

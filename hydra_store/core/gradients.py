@@ -84,13 +84,46 @@ def batched_backward_gradients(
     samples (the gradient of the weighted batch loss with respect to sample i's weight, times
     B). Their mean is the gradient of the batch's mean loss. The forward pass updates the
     running statistics once, as a training step does."""
-    params = [dict(model.named_parameters())[n] for n in layout.names]
+    every = torch.arange(int(inputs.shape[0]), device=inputs.device)
+    losses, _, rows = slot_gradients(model, layout, inputs, targets, every, loss, mean=False)
+    return losses, rows
+
+
+def slot_gradients(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    slots: torch.Tensor,
+    loss: LossFunction = cross_entropy,
+    *,
+    mean: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(losses (B,), the gradient of the batch's mean loss as (1, P) or None without `mean`,
+    d(l_i)/dw of the batch slots `slots` only (k, P)) from one forward pass of the whole batch.
+
+    For a batch-coupled model (BatchNorm, dropout) a per-sample gradient is one vector of a
+    batched backward pass, about one plain backward pass of work each; a step needs the rows of
+    its tracked samples only, and the mean gradient it steps with is one plain backward pass,
+    so a step drawing k tracked samples costs about 1 + k backward passes instead of B. The
+    mean gradient is computed as `batch_gradient` computes it, so that a replay by
+    `step_gradient: batch_backward` retakes the step to the bit. The forward pass updates the
+    running statistics once, as a training step does."""
+    named = dict(model.named_parameters())
+    params = [named[n] for n in layout.names]
     losses = loss(model(inputs), targets)
-    batch = int(losses.shape[0])
-    eye = torch.eye(batch, dtype=losses.dtype, device=losses.device)
-    grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True)
-    flat = torch.cat([g.reshape(batch, -1) for g in grads], dim=1)
-    return losses.detach(), flat
+    k = int(slots.numel())
+    mean_gradient = None
+    if mean:
+        grads = torch.autograd.grad(losses.mean(), params, retain_graph=k > 0)
+        mean_gradient = torch.cat([g.reshape(-1) for g in grads])[None]
+    if k == 0:
+        return losses.detach(), mean_gradient, losses.new_empty(0, layout.n_params).detach()
+    picks = torch.zeros(k, int(losses.shape[0]), dtype=losses.dtype, device=losses.device)
+    picks[torch.arange(k, device=losses.device), slots.to(losses.device)] = 1
+    grads = torch.autograd.grad(losses, params, grad_outputs=picks, is_grads_batched=True)
+    rows = torch.cat([g.reshape(k, -1) for g in grads], dim=1)
+    return losses.detach(), mean_gradient, rows
 
 
 @contextlib.contextmanager
@@ -159,10 +192,9 @@ def batch_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample losses, the batch's mean gradient as a (1, P) tensor) by one backward pass:
     what a trajectory-only recording costs, plain training."""
-    losses = loss(model(inputs), targets)
-    params = [dict(model.named_parameters())[n] for n in layout.names]
-    grads = torch.autograd.grad(losses.mean(), params)
-    return losses.detach(), torch.cat([g.reshape(-1) for g in grads])[None]
+    none = torch.empty(0, dtype=torch.long, device=inputs.device)
+    losses, mean_gradient, _ = slot_gradients(model, layout, inputs, targets, none, loss)
+    return losses, mean_gradient
 
 
 def weighted_batch_gradient(

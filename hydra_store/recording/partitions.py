@@ -34,7 +34,7 @@ from hydra_store.core.fingerprints import (
     check_sgd_steps,
     fingerprint_direction,
 )
-from hydra_store.core.gradients import PerSampleGradients
+from hydra_store.core.gradients import PerSampleGradients, slot_gradients
 from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
     ExactHypergradient,
@@ -48,7 +48,7 @@ from hydra_store.core.projection import projector_from_attrs
 from hydra_store.core.sgd import SGDSettings
 from hydra_store.core.state import InMemoryTrackedState
 from hydra_store.core.transfer import DeviceToHost, one_block_ahead
-from hydra_store.errors import StoreFormatError
+from hydra_store.errors import ReplayMismatchError, StoreFormatError
 from hydra_store.execution import map_tasks
 from hydra_store.recording.gradient_log import GradientLogReader, log_folder, remove_log
 from hydra_store.store.arrays import writable
@@ -350,6 +350,12 @@ class _PartitionRun:
             if info.get("gradient_log")
             else None
         )
+        drawn = group["step_seed"].attrs.get("device", "cpu") if self.seeds is not None else None
+        if self.log is None and drawn is not None and drawn != self.device.type:
+            raise ReplayMismatchError(
+                f"the dropout masks of {path} were drawn on {drawn}, and {self.device.type} "
+                f"draws other masks from the same seeds: its partitions need a {drawn} device"
+            )
         self.direction = fingerprint_direction(self.layout.n_params, info["fingerprint_seed"])
         self.history = bool(attrs.get("hypergradient_history_recorded", False))
         steps = np.asarray(group["checkpoint_step"][:])
@@ -472,15 +478,20 @@ class _PartitionRun:
         seed = None if self.seeds is None else int(self.seeds[step - 1])
         if mine.size:
             set_flat_parameters(self.model, self.layout, flat)
-            # A batch-coupled model's gradients come from the forward pass of the whole batch.
+            # A batch-coupled model's gradients come from the forward pass of the whole batch,
+            # one backward vector for each of the partition's own slots.
             coupled = needs_batch_forward(self.model)
             index = torch.from_numpy(batch if coupled else batch[mine])
             x = self.inputs[index].to(self.device, self.dtype)
             y = self.targets[index].to(self.device)
             with step_randomness(seed, self.device):
-                gradients = self.per_sample(x, y)[1]
-            if coupled:
-                gradients = gradients[torch.from_numpy(mine).to(self.device)]
+                if coupled:
+                    slots = torch.from_numpy(mine).to(self.device)
+                    gradients = slot_gradients(
+                        self.model, self.layout, x, y, slots, self.per_sample.loss, mean=False
+                    )[2]
+                else:
+                    gradients = self.per_sample(x, y)[1]
             check_gradient_fingerprints(
                 gradients,
                 self.direction,
@@ -521,7 +532,12 @@ def _data_from_store(path: str) -> TrainingData:
     group = open_group(path)
     dtype = torch.float64 if group["weights"].dtype == np.float64 else torch.float32
     train = load_run_data(path).train
-    return TrainingData(build_recorded_model(path, dtype=dtype), train.inputs, train.targets)
+    model = build_recorded_model(path, dtype=dtype)
+    # On the device training ran on, where there is one: a run with dropout draws its masks
+    # there (the partitions refuse another kind of device), a GPU records the partitions faster.
+    if (group.attrs.get("config") or {}).get("device") == "cuda" and torch.cuda.is_available():
+        model = model.to("cuda")
+    return TrainingData(model, train.inputs, train.targets)
 
 
 def _one_thread_per_cluster_worker() -> None:

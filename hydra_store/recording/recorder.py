@@ -37,7 +37,7 @@ from hydra_store.core.fingerprints import (
     gradient_scale,
     sample_digests,
 )
-from hydra_store.core.gradients import PerSampleGradients, batch_gradient
+from hydra_store.core.gradients import PerSampleGradients, batch_gradient, slot_gradients
 from hydra_store.core.host_staged_state import HostStagedTrackedState
 from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
@@ -277,6 +277,15 @@ class HydraRecorder:
         self.seed = int(seed)
         self._draws_masks = has_dropout(model)
         self._batch_norm = bool(batch_norms(model))
+        # A batch-coupled model's per-sample gradient costs about a backward pass each: a step
+        # takes its tracked slots' rows and one backward pass for the mean gradient it steps
+        # with (core.gradients.slot_gradients). A partitioned run fingerprints every slot.
+        self._tracked_slots_only = (
+            mode != "trajectory"
+            and self.sketched is None
+            and (self._draws_masks or self._batch_norm)
+            and not self.partitioned
+        )
         self._pending_seeds: list[int] = []
         self.buffer_layout = BufferLayout.from_model(model)
         self._fingerprint_seed = FINGERPRINT_SEED
@@ -286,6 +295,8 @@ class HydraRecorder:
         self._digests_dirty = False
         self.store = RecordingStore(store, overwrite=overwrite, resume=resume)
         self.path = self.store.path
+        if resume and self.store.group.attrs.get("step_gradient") == "per_sample_mean":
+            self._tracked_slots_only = False  # go on as the store's first steps were taken
         self._finished = False
         if not resume:
             self._write_static(config, attrs, labels, clean)
@@ -563,7 +574,7 @@ class HydraRecorder:
     def _step_gradient(self) -> str:
         """How the steps' gradients are taken (core.gradients.STEP_GRADIENT_METHODS), for
         replay to take them the same way."""
-        if self.mode == "trajectory":
+        if self.mode == "trajectory" or self._tracked_slots_only:
             return "batch_backward"
         if self.sketched is None:
             return "per_sample_mean"
@@ -697,11 +708,21 @@ class HydraRecorder:
         targets = targets.to(self.device)
         self._note_digests(index, inputs, targets)
         sketched = None
+        # `gradients` holds the per-sample gradients of the batch slots `slots` (every slot
+        # unless only the tracked ones are taken), `step_gradient` what the step takes.
+        slots = np.arange(index.size)
+        step_gradient = None
         seed = step_seed(self.seed, self.step_count + 1) if self._draws_masks else None
         with step_randomness(seed, self.device):
             if self.mode == "trajectory":
                 losses, gradients = batch_gradient(
                     self.model, self.layout, inputs, targets, self.loss
+                )
+            elif self._tracked_slots_only:
+                slots = np.nonzero(self.selection.row_of[index] >= 0)[0]
+                on_device = torch.as_tensor(slots, device=self.device)
+                losses, step_gradient, gradients = slot_gradients(
+                    self.model, self.layout, inputs, targets, on_device, self.loss
                 )
             elif self.sketched is not None:
                 direction = self._direction if self.partitioned else None
@@ -737,14 +758,22 @@ class HydraRecorder:
         if self.exact is not None:
             weights_before = get_flat_parameters(self.model, self.layout)
             with step_randomness(seed, self.device):  # the masks of the step's forward pass
-                self.exact.step(weights_before, inputs, targets, index, gradients, settings)
+                self.exact.step(
+                    weights_before,
+                    inputs,
+                    targets,
+                    index,
+                    gradients,
+                    settings,
+                    batch_index_tracked=index[slots],
+                )
         if self.approximate is not None:
             projected = (
                 sketched.projected if sketched is not None else self.projector.project(gradients)
             )
-            self.approximate.step(index, projected, settings)
+            self.approximate.step(index[slots], projected, settings, batch_size=index.size)
         if self._log is not None:
-            rows = self.selection.row_of[index]
+            rows = self.selection.row_of[index[slots]]
             keep = np.nonzero(rows >= 0)[0]
             if keep.size:
                 keep_index = torch.as_tensor(keep, device=gradients.device)
@@ -754,7 +783,12 @@ class HydraRecorder:
                     tracked = gradients[keep_index]
                     projected = self.projector.project(tracked).detach().cpu().numpy()
                 self._log.add(self.step_count + 1, rows[keep], projected)
-        sgd_step(self.model, self.optimizer, self.layout, gradients)
+        sgd_step(
+            self.model,
+            self.optimizer,
+            self.layout,
+            gradients if step_gradient is None else step_gradient,
+        )
         if seed is not None:
             self._pending_seeds.append(seed)
         if self._batch_labels is not None:

@@ -21,18 +21,14 @@ from hydra_store.core.losses import cross_entropy
 from hydra_store.core.model_state import step_randomness
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
 from hydra_store.errors import InvalidArgumentError, ModelError, ReplayMismatchError
+from hydra_store.recording.durable import write_durable_point
+from hydra_store.recording.partitions import TrainingData, run_partitions
 from hydra_store.replay.trajectory import Trajectory
-from tests.conftest import unrolled_final_weights
+from hydra_store.store.arrays import writable
+from hydra_store.store.format import consolidate
+from tests.conftest import coupled_net, unrolled_final_weights
 
 N_TRAIN, N_TEST = 16, 10
-
-
-def coupled_net() -> nn.Module:
-    """Linear, BatchNorm, ReLU, dropout, Linear; float64, initial weights fixed."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 3)
-    ).double()
 
 
 def data():
@@ -72,11 +68,18 @@ def coupled_run(tmp_path_factory):
     return path, train, test, initial, h, h_exact, model
 
 
-def test_hypergradients_equal_autograd_through_the_unrolled_training(coupled_run):
-    path, (x, y), _, initial, h, h_exact, _ = coupled_run
+@pytest.fixture(scope="module")
+def unrolled(coupled_run):
+    """dw_T/d(eps) of every sample by jacfwd through the unrolled training: (without the
+    Hessian, with it)."""
+    path, (x, y), _, initial, *_ = coupled_run
     args = (path, coupled_net(), x, y, initial, cross_entropy)
-    approx = unrolled_final_weights(*args, detach_gradients=True)
-    exact = unrolled_final_weights(*args, detach_gradients=False)
+    return tuple(unrolled_final_weights(*args, detach_gradients=d) for d in (True, False))
+
+
+def test_hypergradients_equal_autograd_through_the_unrolled_training(coupled_run, unrolled):
+    _, _, _, _, h, h_exact, _ = coupled_run
+    approx, exact = unrolled
     assert exact.abs().max() > 1e-2
     assert (h - approx).abs().max() <= 1e-10 * approx.abs().max()
     assert (h_exact - exact).abs().max() <= 1e-10 * exact.abs().max()
@@ -185,6 +188,126 @@ def test_leave_one_out_retraining_equals_a_plain_training_loop(coupled_run):
         expected = plain_retraining_test_loss(path, train, test, int(sample)) - base
         assert change == pytest.approx(expected, rel=1e-8, abs=1e-14)
     assert np.abs(summary.loss_change).max() > 1e-6
+
+
+TRACKED = [1, 4, 6, 11, 15]
+# Both recurrences with momentum, float64: (63 + 63) parameters x 8 bytes x 2 per tracked row.
+COUPLED_ROW_BYTES = 2016
+
+
+def record_tracked_run(path, **options):
+    """`record_coupled_run`'s training (the same batches, masks and settings) with only
+    TRACKED tracked, finished with its training data (a small `memory_budget` records it in
+    partitions): the recorder and its store."""
+    (x, y), _ = data()
+    model = coupled_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(2)
+    recorder = hydra_store.HydraRecorder(
+        model, optimizer, path, n_train=N_TRAIN, tracked=TRACKED, mode="both", seed=3, **options
+    )
+    with recorder:
+        for _ in range(2):
+            for index in torch.randperm(N_TRAIN, generator=generator).split(6):
+                recorder.step(x[index], y[index], index)
+            recorder.end_epoch()
+        recorder.finish(training_data=TrainingData(coupled_net(), x, y))
+    return recorder, zarr.open_group(path, mode="r")
+
+
+def test_a_tracked_subset_takes_only_its_rows_and_the_same_steps(coupled_run, unrolled, tmp_path):
+    """A coupled model's step takes the per-sample gradients of its tracked slots only and one
+    backward pass for the step: the weights are the all-tracked run's to the bit, the rows are
+    autograd's through the unrolled training, and replay retakes the steps to the bit."""
+    path, (x, y), _, _, h, h_exact, _ = coupled_run
+    recorder, subset = record_tracked_run(tmp_path / "subset.zarr")
+    assert subset.attrs["step_gradient"] == "batch_backward"
+    assert zarr.open_group(path, mode="r").attrs["step_gradient"] == "batch_backward"
+    np.testing.assert_array_equal(subset["weights"][:], zarr.open_group(path)["weights"][:])
+    np.testing.assert_array_equal(subset["buffers"][:], zarr.open_group(path)["buffers"][:])
+    approx, exact = (rows[TRACKED] for rows in unrolled)
+    for is_exact, expected, everyone in ((False, approx, h), (True, exact, h_exact)):
+        rows = recorder.hypergradients(is_exact)
+        assert (rows - expected).abs().max() <= 1e-10 * expected.abs().max(), is_exact
+        torch.testing.assert_close(rows, everyone[TRACKED], rtol=1e-12, atol=0)
+        name = "hypergradient_exact" if is_exact else "hypergradient"
+        np.testing.assert_array_equal(subset[name][:], rows.float().numpy())
+    replayed = coupled_net()
+    for checkpoint in range(2):
+        segment = Trajectory(subset.store.root).replay_segment(
+            replayed, train_split((x, y)), checkpoint, rtol=0.0
+        )
+        for _ in segment:
+            pass  # checked: weights and running statistics equal the next checkpoint's
+
+
+def test_a_partitioned_coupled_run_equals_the_in_memory_one(tmp_path):
+    """Partitions recompute a coupled model's gradients of their own slots from the whole
+    batch's forward pass; training fingerprints every slot, so it takes every row."""
+    _, memory = record_tracked_run(tmp_path / "memory.zarr")
+    recorder, parts = record_tracked_run(
+        tmp_path / "parts.zarr", memory_budget=2 * COUPLED_ROW_BYTES
+    )
+    assert recorder.plan.partitioned and recorder.plan.n_partitions == 3
+    assert parts.attrs["status"] == "complete"
+    assert parts.attrs["step_gradient"] == "per_sample_mean"
+    for name in ("hypergradient", "hypergradient_exact"):
+        expected = np.asarray(memory[name][:])
+        assert np.abs(expected).max() > 1e-2
+        # float32 in the store; the two runs' float64 rows differ by ~1e-15 before rounding.
+        np.testing.assert_allclose(
+            parts[name][:], expected, rtol=0, atol=2**-22 * np.abs(expected).max(), err_msg=name
+        )
+
+
+def test_partitions_refuse_masks_drawn_on_another_kind_of_device(tmp_path):
+    """A GPU run's partitions recorded again on the CPU (`record --resume` where no GPU is
+    visible) would draw other dropout masks: refused in one line, not a fingerprint error."""
+    path = tmp_path / "parts.zarr"
+    record_tracked_run(path, memory_budget=2 * COUPLED_ROW_BYTES)
+    group = zarr.open_group(path, mode="r+")
+    writable(group["partition_done"])[:] = False
+    group["step_seed"].attrs["device"] = "cuda"
+    consolidate(path)
+    (x, y), _ = data()
+    with pytest.raises(ReplayMismatchError, match="drawn on cuda, and cpu draws other masks"):
+        run_partitions(path, TrainingData(coupled_net(), x, y))
+
+
+def test_a_store_whose_steps_took_the_per_sample_mean_resumes_taking_it(tmp_path):
+    """A recording begun by a hydra-store that stepped a coupled model with the mean of every
+    slot's gradient (`step_gradient: per_sample_mean`) goes on that way when resumed, so that
+    replay, which takes the store's word for it, retakes the resumed steps to the bit."""
+    (x, y), _ = data()
+    path = tmp_path / "older.zarr"
+    batches = list(torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(2)).split(6))
+
+    def recorder_for(model, **options):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        return hydra_store.HydraRecorder(
+            model, optimizer, path, n_train=N_TRAIN, tracked=TRACKED, seed=3, **options
+        )
+
+    first = recorder_for(coupled_net())
+    for index in batches:
+        first.step(x[index], y[index], index)
+    first.end_epoch()
+    first.store.update_attrs({"step_gradient": "per_sample_mean"})  # as the older one wrote
+    write_durable_point(first, {}, {"epoch": 1, "step_in_epoch": 0})
+    first.fail("stopped after a durable point")
+    resumed = recorder_for(coupled_net(), resume=True)
+    with resumed:
+        for index in batches:
+            resumed.step(x[index], y[index], index)
+        resumed.end_epoch()
+    group = zarr.open_group(path, mode="r")
+    assert group.attrs["status"] == "complete"
+    assert group.attrs["step_gradient"] == "per_sample_mean"
+    replayed = coupled_net()
+    trajectory = Trajectory(path)
+    trajectory.load_checkpoint(replayed, 1)
+    for _ in trajectory.replay_segment(replayed, train_split((x, y)), 1, rtol=0.0):
+        pass  # checked: the weights and running statistics of checkpoint 2, to the bit
 
 
 def test_a_batch_of_one_and_unsupported_layers_are_refused(tmp_path):
