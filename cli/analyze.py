@@ -26,6 +26,7 @@ from hydra_store_cli.common import (
     MODEL_OPTION,
     RESULTS_OUT_OPTION,
     StageBars,
+    full_float32_on_gpus,
     name_store,
     user_errors,
 )
@@ -204,6 +205,7 @@ def register(app: typer.Typer) -> None:
         """Contributions, inter-class matrix, top influencers and clustering of a store."""
         from hydra_store.analysis.methods import default_methods
 
+        full_float32_on_gpus()
         bars = StageBars()
         with user_errors():
             name_store(store, dataset, model, data_root, data_seed)

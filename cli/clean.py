@@ -7,7 +7,12 @@ import typer
 
 from hydra_store.arguments import CleanConfig
 from hydra_store.execution import SCHEDULER_HELP
-from hydra_store_cli.common import RESULTS_OUT_OPTION, StageBars, user_errors
+from hydra_store_cli.common import (
+    RESULTS_OUT_OPTION,
+    StageBars,
+    full_float32_on_gpus,
+    user_errors,
+)
 
 # Every option's default is the CleanConfig's: the CLI repeats none of them.
 _CLEAN = CleanConfig()
@@ -74,6 +79,7 @@ def register(app: typer.Typer) -> None:
         (the paper's Table 3)."""
         from hydra_store.analysis.cleaning import run_cleaning
 
+        full_float32_on_gpus()
         bars = StageBars()
         with user_errors():
             config = CleanConfig(

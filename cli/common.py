@@ -99,6 +99,18 @@ def describe_os_error(error: OSError) -> str:
     return f"{error.strerror or type(error).__name__}{where}"
 
 
+def full_float32_on_gpus() -> None:
+    """Float32 on a GPU in full float32: cuDNN's default lets float32 convolutions round their
+    inputs to TF32's 10-bit mantissa (about 5e-4 relative) on Ampere and newer GPUs, which moves
+    the recorded hypergradients and the replayed weights away from the CPU's by more than
+    replay's checks allow. The command owns its process, so it sets torch's flags (a user's own
+    training loop chooses for itself: docs/recording.md)."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the library's named errors (and Ctrl-C) into one line and a non-zero exit."""

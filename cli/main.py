@@ -14,6 +14,7 @@ from hydra_store_cli.common import (
     OneLineErrors,
     StageBars,
     call,
+    full_float32_on_gpus,
     human_bytes,
     limit_malloc_arenas,
     progress_bar,
@@ -161,6 +162,7 @@ def record(
 
     limit_malloc_arenas()
     terminate_on_sigterm()
+    full_float32_on_gpus()
 
     if resume is not None:
         # --scheduler and --workers only when given: by default, the recording's own.

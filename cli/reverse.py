@@ -14,6 +14,7 @@ from hydra_store_cli.common import (
     MODEL_OPTION,
     RESULTS_OUT_OPTION,
     StageBars,
+    full_float32_on_gpus,
     name_store,
     user_errors,
 )
@@ -78,6 +79,7 @@ def register(app: typer.Typer) -> None:
         and 5)."""
         from hydra_store.analysis.comparison import run_comparison
 
+        full_float32_on_gpus()
         bars = StageBars()
         with user_errors():
             name_store(store, dataset, model, data_root, data_seed)
@@ -149,6 +151,7 @@ def register(app: typer.Typer) -> None:
         from hydra_store.analysis.lds import run_lds
         from hydra_store.analysis.validation import run_validation
 
+        full_float32_on_gpus()
         bars = StageBars()
         with user_errors():
             lds_config = None

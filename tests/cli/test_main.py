@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 import xarray as xr
 from typer.testing import CliRunner
 
@@ -32,3 +34,30 @@ def test_trajectory_only_store_through_reverse_mode(tmp_path):
     info = runner.invoke(app, ["info", str(out)])
     assert "mode trajectory: no hypergradients" in info.output
     assert "reverse: test" in info.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["record", "--epochs", "0"],
+        ["analyze", "missing.zarr"],
+        ["validate", "missing.zarr"],
+        ["compare", "missing.zarr"],
+        ["clean", "missing.zarr"],
+    ],
+    ids=["record", "analyze", "validate", "compare", "clean"],
+)
+def test_commands_that_may_run_on_a_gpu_turn_tf32_off(args, monkeypatch, tmp_path):
+    """cuDNN's default TF32 convolutions would round float32 inputs to 10 bits on a GPU; every
+    command that trains or replays turns them (and TF32 matrix products) off first."""
+    monkeypatch.chdir(tmp_path)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # torch's flag modules take assignments only (monkeypatch cannot put them back).
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        result = runner.invoke(app, args)
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert result.exit_code != 0  # each fails at once on its input, after the flags are set
+    assert after == (False, False)
