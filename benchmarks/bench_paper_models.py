@@ -27,6 +27,12 @@ many backward passes a step; the `tracked/batch` column prints the mean of the t
 
     .venv/bin/python benchmarks/bench_paper_models.py --models densenet40 --train-size 50000
 
+`--memory-budget 1GiB` times the training phase of a partitioned recording (a state larger than
+the budget): each step stores its weights, and a BatchNorm or dropout model fingerprints every
+slot by one forward-mode pass. With `--tracked 400` and `--train-size` 50000, 10000 and 2000 a
+batch draws as many tracked samples on average as with 400, 2,000 and 10,000 of 50,000, within
+this machine's disk (the store of MobileNetV2 with 2,000 tracked samples needs 18 GB).
+
 `--device-memory-budget` (with --device cuda) caps the GPU memory the tracked state may take:
 a state over it stays in host memory, each step's batch rows staged to the GPU and back
 (core/host_staged_state.py), which is what a state larger than the GPU costs.
@@ -88,6 +94,7 @@ def interleaved_steps(
     store: Path,
     device_memory_budget: int | None = None,
     train_size: int | None = None,
+    memory_budget: int | None = None,
 ):
     """Per-step seconds of plain training and of recording, one step of each in turn (so that
     the machine's load moves both alike), where the tracked state lives, and the mean number of
@@ -114,6 +121,7 @@ def interleaved_steps(
         planned_epochs=1,
         planned_checkpoints=2,
         device_memory_budget=device_memory_budget,
+        memory_budget=memory_budget,
     )
     plan = recorder.plan
     plain, recorded, in_batch = [], [], []
@@ -157,6 +165,12 @@ def main() -> None:
         help="draw the tracked samples and the batches at random from this many training "
         "samples (the paper's CIFAR-10: 50000); default: every sample of a batch tracked",
     )
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        help="the tracked state's memory budget (e.g. 1GiB); a state over it is recorded in "
+        "partitions after training, and training stores each step's weights and fingerprints",
+    )
     args = parser.parse_args()
     if args.device_memory_budget is not None and args.device != "cuda":
         parser.error("--device-memory-budget is the GPU's budget: give it with --device cuda")
@@ -167,6 +181,7 @@ def main() -> None:
     device_budget = (
         None if args.device_memory_budget is None else parse_size(args.device_memory_budget)
     )
+    budget = None if args.memory_budget is None else parse_size(args.memory_budget)
     counts = [int(c) for c in args.tracked.split(",")]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -200,6 +215,7 @@ def main() -> None:
                     store,
                     device_budget,
                     args.train_size,
+                    budget,
                 )
                 plain, record = per_step(plain_times), per_step(times)
                 state = tracked * params * 4 * 2 / 2**30

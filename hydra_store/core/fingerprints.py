@@ -48,6 +48,21 @@ def gradient_scale(gradients: torch.Tensor) -> float:
     return float(gradients.norm()) / max(1, gradients.shape[0]) ** 0.5
 
 
+def estimated_gradient_scale(fingerprints: np.ndarray, mean_gradient: torch.Tensor) -> float:
+    """`gradient_scale` of a step whose per-sample gradients were not formed (a BatchNorm or
+    dropout model takes only its tracked slots' rows), from its fingerprints f_i and its mean
+    gradient. For u uniform on the unit sphere of R^P, E[<g, u>^2] = |g|^2 / P, so
+    sqrt(P mean_i f_i^2) estimates the root-mean-square norm; where the gradients point alike
+    that estimate scatters as one chi-square variate does, but then the norm of their mean,
+    which never exceeds the root-mean-square norm, is close to it. The larger of the two: a
+    floor of the fingerprint check's tolerance within a small factor of the exact one."""
+    n_params = int(mean_gradient.numel())
+    spread = (
+        float(np.sqrt(n_params * np.mean(np.square(fingerprints)))) if fingerprints.size else 0.0
+    )
+    return max(float(torch.linalg.vector_norm(mean_gradient.double())), spread)
+
+
 def check_gradient_fingerprints(
     gradients: torch.Tensor,
     direction: torch.Tensor,

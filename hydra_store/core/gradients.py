@@ -126,6 +126,24 @@ def slot_gradients(
     return losses.detach(), mean_gradient, rows
 
 
+def slot_fingerprints(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    direction: torch.Tensor,
+    loss: LossFunction = cross_entropy,
+) -> torch.Tensor:
+    """<g_i, u> of every slot of the batch (B,), g_i = d(l_i)/dw through the batch's
+    statistics and u = `direction`, by one forward-mode pass (a jvp) of the batch's per-sample
+    losses: a partitioned recording's fingerprints without forming the B per-sample gradients.
+    It updates no running statistics; run it under the step's randomness, so that it sees the
+    step's dropout masks."""
+    point = get_flat_parameters(model, layout)
+    losses = per_sample_loss_function(model, layout, inputs, targets, loss)
+    return jvp(losses, (point,), (direction.to(point.device, point.dtype),))[1].detach()
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
     """The model in eval mode (running statistics, no dropout), as test losses are taken."""

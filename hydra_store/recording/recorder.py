@@ -32,12 +32,18 @@ import torch
 
 from hydra_store.arguments import MODES
 from hydra_store.core.fingerprints import (
+    estimated_gradient_scale,
     fingerprint_direction,
     gradient_fingerprints,
     gradient_scale,
     sample_digests,
 )
-from hydra_store.core.gradients import PerSampleGradients, batch_gradient, slot_gradients
+from hydra_store.core.gradients import (
+    PerSampleGradients,
+    batch_gradient,
+    slot_fingerprints,
+    slot_gradients,
+)
 from hydra_store.core.host_staged_state import HostStagedTrackedState
 from hydra_store.core.hypergradient import (
     ApproximateHypergradient,
@@ -279,12 +285,12 @@ class HydraRecorder:
         self._batch_norm = bool(batch_norms(model))
         # A batch-coupled model's per-sample gradient costs about a backward pass each: a step
         # takes its tracked slots' rows and one backward pass for the mean gradient it steps
-        # with (core.gradients.slot_gradients). A partitioned run fingerprints every slot.
+        # with (core.gradients.slot_gradients); a partitioned run fingerprints every slot by
+        # one forward-mode pass (core.gradients.slot_fingerprints).
         self._tracked_slots_only = (
             mode != "trajectory"
             and self.sketched is None
             and (self._draws_masks or self._batch_norm)
-            and not self.partitioned
         )
         self._pending_seeds: list[int] = []
         self.buffer_layout = BufferLayout.from_model(model)
@@ -750,6 +756,17 @@ class HydraRecorder:
             if sketched is not None:
                 fingerprints = sketched.fingerprints.double().cpu().numpy()
                 scale = sketched.gradient_scale
+            elif step_gradient is not None:
+                with step_randomness(seed, self.device):  # the masks of the step's forward pass
+                    fingerprints = (
+                        slot_fingerprints(
+                            self.model, self.layout, inputs, targets, self._direction, self.loss
+                        )
+                        .double()
+                        .cpu()
+                        .numpy()
+                    )
+                scale = estimated_gradient_scale(fingerprints, step_gradient)
             else:
                 fingerprints = gradient_fingerprints(gradients, self._direction)
                 scale = gradient_scale(gradients)

@@ -10,6 +10,7 @@ import torch
 from hydra_store.core.fingerprints import (
     check_gradient_fingerprints,
     check_sgd_steps,
+    estimated_gradient_scale,
     fingerprint_direction,
     gradient_fingerprints,
     gradient_scale,
@@ -89,3 +90,32 @@ def test_a_tiny_gradient_is_judged_against_its_steps_scale():
     recomputed[2] *= 1.01
     with pytest.raises(ReplayMismatchError, match="training sample 2 at step 7"):
         check_gradient_fingerprints(recomputed, u, stored, step=7, samples=samples, scale=scale)
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["independent", "aligned"])
+def test_the_estimated_scale_stays_within_a_small_factor_of_the_exact_one(aligned):
+    """`estimated_gradient_scale` from the fingerprints and the mean gradient alone, against
+    the exact root-mean-square norm of the per-sample gradients, over 300 random directions u:
+    gradients in independent directions (where sqrt(P mean f^2) concentrates) and gradients
+    nearly along one direction (where it scatters, and the mean gradient's norm holds it up)."""
+    generator = torch.Generator().manual_seed(12345)  # not a direction's seed below
+    n_params, batch = 2000, 64
+    if aligned:
+        common = torch.randn(n_params, generator=generator, dtype=torch.float64)
+        sizes = torch.rand(batch, 1, generator=generator, dtype=torch.float64) + 0.5
+        noise = torch.randn(batch, n_params, generator=generator, dtype=torch.float64)
+        gradients = sizes * common + 0.05 * noise
+    else:
+        gradients = torch.randn(batch, n_params, generator=generator, dtype=torch.float64)
+        gradients *= torch.rand(batch, 1, generator=generator, dtype=torch.float64) * 3
+    exact = gradient_scale(gradients)
+    mean = gradients.mean(0)
+    ratios = []
+    for seed in range(300):
+        direction = fingerprint_direction(n_params, 1000 + seed)
+        estimate = estimated_gradient_scale(gradient_fingerprints(gradients, direction), mean)
+        assert estimate >= float(mean.norm())
+        ratios.append(estimate / exact)
+    assert float(mean.norm()) <= exact  # the mean's norm never exceeds the RMS norm
+    low, high = (0.7, 4.0) if aligned else (0.5, 2.0)
+    assert low < min(ratios) and max(ratios) < high, (min(ratios), max(ratios))

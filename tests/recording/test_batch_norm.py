@@ -16,10 +16,11 @@ import hydra_store
 from hydra_store import RunInputs
 from hydra_store.analysis.reverse import run_exact_analysis
 from hydra_store.analysis.validation import retrain_weighted, run_validation
-from hydra_store.core.gradients import evaluate
+from hydra_store.core.fingerprints import fingerprint_direction
+from hydra_store.core.gradients import batched_backward_gradients, evaluate
 from hydra_store.core.losses import cross_entropy
 from hydra_store.core.model_state import step_randomness
-from hydra_store.core.parameters import ParameterLayout, get_flat_parameters
+from hydra_store.core.parameters import ParameterLayout, get_flat_parameters, set_flat_parameters
 from hydra_store.errors import InvalidArgumentError, ModelError, ReplayMismatchError
 from hydra_store.recording.durable import write_durable_point
 from hydra_store.recording.partitions import TrainingData, run_partitions
@@ -241,16 +242,24 @@ def test_a_tracked_subset_takes_only_its_rows_and_the_same_steps(coupled_run, un
             pass  # checked: weights and running statistics equal the next checkpoint's
 
 
-def test_a_partitioned_coupled_run_equals_the_in_memory_one(tmp_path):
-    """Partitions recompute a coupled model's gradients of their own slots from the whole
-    batch's forward pass; training fingerprints every slot, so it takes every row."""
-    _, memory = record_tracked_run(tmp_path / "memory.zarr")
-    recorder, parts = record_tracked_run(
-        tmp_path / "parts.zarr", memory_budget=2 * COUPLED_ROW_BYTES
-    )
+@pytest.fixture(scope="module")
+def partitioned_pair(tmp_path_factory):
+    """The tracked-subset run in memory and in 3 partitions: (memory store, recorder, parts)."""
+    folder = tmp_path_factory.mktemp("bn-parts")
+    _, memory = record_tracked_run(folder / "memory.zarr")
+    recorder, parts = record_tracked_run(folder / "parts.zarr", memory_budget=2 * COUPLED_ROW_BYTES)
+    return memory, recorder, parts
+
+
+def test_a_partitioned_coupled_run_equals_the_in_memory_one(partitioned_pair):
+    """Training takes the tracked slots' rows and fingerprints every slot by a jvp; the
+    partitions recompute their own slots' rows from the whole batch's forward pass."""
+    memory, recorder, parts = partitioned_pair
     assert recorder.plan.partitioned and recorder.plan.n_partitions == 3
     assert parts.attrs["status"] == "complete"
-    assert parts.attrs["step_gradient"] == "per_sample_mean"
+    assert parts.attrs["step_gradient"] == "batch_backward"
+    np.testing.assert_array_equal(parts["weights"][:], memory["weights"][:])
+    np.testing.assert_array_equal(parts["buffers"][:], memory["buffers"][:])
     for name in ("hypergradient", "hypergradient_exact"):
         expected = np.asarray(memory[name][:])
         assert np.abs(expected).max() > 1e-2
@@ -258,6 +267,42 @@ def test_a_partitioned_coupled_run_equals_the_in_memory_one(tmp_path):
         np.testing.assert_allclose(
             parts[name][:], expected, rtol=0, atol=2**-22 * np.abs(expected).max(), err_msg=name
         )
+
+
+def test_a_partitioned_coupled_runs_fingerprints_are_every_slots_gradient_along_u(
+    partitioned_pair,
+):
+    """Each stored fingerprint against <g_i, u> of the slot's full per-sample gradient (one
+    backward vector per slot, the masks of the step), and the stored scale against its
+    formula: max(|mean gradient|, sqrt(P mean f^2)), which here lies within a factor 3 of the
+    exact root-mean-square norm it stands for."""
+    _, _, parts = partitioned_pair
+    (x, y), _ = data()
+    model = coupled_net()
+    layout = ParameterLayout.from_model(model)
+    direction = fingerprint_direction(
+        layout.n_params, int(parts.attrs["partitions"]["fingerprint_seed"])
+    )
+    weights = np.asarray(parts["step_weights"][:])
+    batches = np.asarray(parts["batch_index"][:])
+    seeds = np.asarray(parts["step_seed"][:])
+    stored = np.asarray(parts["gradient_fingerprint"][:])
+    scales = np.asarray(parts["gradient_scale"][:])
+    ratios = []
+    for step, (flat, row, seed) in enumerate(zip(weights, batches, seeds, strict=True)):
+        batch = torch.from_numpy(row[row >= 0])
+        set_flat_parameters(model, layout, torch.from_numpy(flat))
+        with step_randomness(int(seed)):
+            rows = batched_backward_gradients(model, layout, x[batch], y[batch])[1]
+        naive = (rows @ direction).numpy()
+        np.testing.assert_allclose(
+            stored[step, : batch.numel()], naive, rtol=0, atol=1e-12 * np.abs(naive).max()
+        )
+        spread = np.sqrt(layout.n_params * np.mean(naive**2))
+        mean_norm = float(rows.mean(0).norm())
+        assert scales[step] == pytest.approx(max(mean_norm, spread), rel=1e-10)
+        ratios.append(scales[step] / float(rows.norm(dim=1).pow(2).mean().sqrt()))
+    assert min(ratios) > 1 / 3 and max(ratios) < 3, ratios
 
 
 def test_partitions_refuse_masks_drawn_on_another_kind_of_device(tmp_path):
