@@ -67,6 +67,13 @@ def register(app: typer.Typer) -> None:
             "this store, else its defaults (influence: cg); 'none': HyDRA only "
             "[default: all of them]",
         ),
+        device: str | None = typer.Option(
+            _COMPARE.device,
+            "--device",
+            help="cpu or cuda: where the reverse sweeps (over checkpoints, and one for the exact "
+            "contributions not stored yet) run; the checkpoint methods run on the CPU "
+            "[default: cpu]",
+        ),
         out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,
         model: str | None = MODEL_OPTION,
@@ -90,6 +97,7 @@ def register(app: typer.Typer) -> None:
                     every=every,
                     png=None if png is None else str(png),
                     checkpoint_methods=_method_names(checkpoint_methods),
+                    device=device,
                 )
                 summary = run_comparison(store, config, progress=bars, out=out)
             finally:

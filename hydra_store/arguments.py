@@ -301,16 +301,21 @@ class CompareConfig:
     """Arguments of one `compare` run; saved as the `config` attribute of
     `reverse/<test set>/comparison`. `checkpoint_methods`: the methods scored over
     checkpoints beside HyDRA's approximation (names of methods that give C(i) at any
-    checkpoint: influence, tracin, trak); None: every such method, () none."""
+    checkpoint: influence, tracin, trak); None: every such method, () none. `device`: where the
+    reverse sweeps run (the one over checkpoints, and the exact C(i) when `reverse/<test set>`
+    is not stored yet); None: the CPU. The checkpoint methods take no device: they run on the
+    CPU."""
 
     test_set: str = "test"
     over_checkpoints: bool = True
     every: int = 1
     png: str | None = None
     checkpoint_methods: tuple[str, ...] | None = None
+    device: str | None = None
 
     def validate(self) -> None:
         _at_least(self, ("every",))
+        validate_device(self.device)
         names = self.checkpoint_methods
         if names is not None and (
             not isinstance(names, tuple) or not all(isinstance(m, str) and m for m in names)

@@ -66,14 +66,16 @@ def exact_totals(
     progress: Progress | None = None,
     inputs: RunInputs | None = None,
     out: str | Path | None = None,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(exact C(i), approximate C(i)) for all N from `reverse/<test set>` (of the results store
-    `out` when given), computing it first when absent (then the third item is True)."""
+    `out` when given), computing it first on `device` (None: the CPU) when absent (then the
+    third item is True)."""
     results = results_root(path, out)
     group = read_reverse_group(results, test_set)
     computed = False
     if group is None or "total_contribution_exact" not in group:
-        run_exact_analysis(path, test_set, progress=progress, inputs=inputs, out=out)
+        run_exact_analysis(path, test_set, progress=progress, inputs=inputs, out=out, device=device)
         group = read_reverse_group(results, test_set)
         computed = True
     last = open_group(path)["checkpoint_step"].shape[0] - 1
@@ -226,6 +228,7 @@ def checkpoint_study(
     progress: Progress | None = None,
     inputs: RunInputs | None = None,
     methods: Sequence[tuple[ContributionMethod, Any, bool]] = (),
+    device: str | None = None,
 ) -> CheckpointStudy:
     """Score HyDRA's approximation and each of `methods` ((method, its config, whether the
     config is the one it last ran with)) against the exact contribution at checkpoints 1,
@@ -234,7 +237,8 @@ def checkpoint_study(
     backward sweep from the last checkpoint (`adjoint_contributions_at_checkpoints`: one replay
     of the trajectory, the same C(i) to the bit as one truncated sweep per checkpoint); each
     method's from its `totals_at`, computed as it would be by a run with `checkpoint=k` (a
-    method that fails gets a row of NaN and its error)."""
+    method that fails gets a row of NaN and its error). `device`: where the test directions are
+    taken and the sweep runs (None: the CPU); the methods take no device (they run on the CPU)."""
     if every < 1:
         raise InvalidArgumentError(f"--every must be >= 1, got {every}")
     trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
@@ -260,7 +264,7 @@ def checkpoint_study(
     started = time.perf_counter()
     directions = {}
     for k in chosen:
-        model = model_at_checkpoint(path, k, inputs=inputs)
+        model = model_at_checkpoint(path, k, inputs=inputs, device=device)
         u, _ = mean_loss_gradient(
             model, trajectory.layout, tests.inputs, tests.targets, loss=trajectory.loss
         )
@@ -268,7 +272,7 @@ def checkpoint_study(
     adjoints = (
         adjoint_contributions_at_checkpoints(
             trajectory,
-            model_at_checkpoint(path, 0, inputs=inputs),
+            model_at_checkpoint(path, 0, inputs=inputs, device=device),
             data.train,
             directions,
             progress=progress,
@@ -392,7 +396,9 @@ def run_comparison(
     its defaults for this study when it has not run (`default_checkpoint_config`).
     `inputs`: the model, data and loss given in Python (`hydra_store.RunInputs`), for a store
     that does not name them. `out`: a results store to read and write the result groups in
-    instead of the recording (the PNG then goes beside it)."""
+    instead of the recording (the PNG then goes beside it). `device`: where the reverse sweeps
+    run (over checkpoints, and the exact C(i) when not stored yet); a run whose dropout masks
+    were drawn on a GPU replays only there."""
     if options.get("png") is not None:
         options["png"] = str(options["png"])
     if isinstance(options.get("checkpoint_methods"), (list, tuple)):
@@ -407,7 +413,7 @@ def run_comparison(
         checkpoint_methods(registry, config.checkpoint_methods) if config.over_checkpoints else []
     )
     test_set, name = config.test_set, group_name(config.test_set)
-    exact, approx, computed = exact_totals(path, test_set, progress, inputs, out)
+    exact, approx, computed = exact_totals(path, test_set, progress, inputs, out, config.device)
     results = results_root(path, out)
     scored = {"hydra-approx (reverse mode, all samples)": (np.arange(exact.size), approx)}
     for label, totals in registry.totals(results, test_set).items():
@@ -428,7 +434,13 @@ def run_comparison(
     if config.over_checkpoints:
         configured = [(m, *m.checkpoint_config(results, test_set)) for m in over]
         study = checkpoint_study(
-            path, test_set, every=config.every, progress=progress, inputs=inputs, methods=configured
+            path,
+            test_set,
+            every=config.every,
+            progress=progress,
+            inputs=inputs,
+            methods=configured,
+            device=config.device,
         )
         png_path = (
             store_path(config.png)

@@ -6,10 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import typer
 import xarray as xr
+import zarr
 from typer.testing import CliRunner
 
+from hydra_store.analysis import comparison, reverse
 from hydra_store.analysis.comparison import HYDRA_CURVE, run_comparison
 from hydra_store.analysis.influence import run_influence
 from hydra_store.analysis.methods import default_methods
@@ -19,9 +22,14 @@ from hydra_store.analysis.test_sets import resolve_test_set
 from hydra_store.analysis.tracin import run_tracin
 from hydra_store.analysis.trak import run_trak
 from hydra_store.core.gradients import mean_loss_gradient
+from hydra_store.errors import InvalidArgumentError
+from hydra_store.replay import recorded_run
 from hydra_store.replay.recorded_run import load_run_data, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store_cli.reverse import register
+from tests.cli.test_record import assert_one_error_line
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def make_app() -> typer.Typer:
@@ -199,3 +207,105 @@ def test_cli_missing_store(tmp_path):
     result = CliRunner().invoke(make_app(), ["compare", str(tmp_path / "nope.zarr")])
     assert result.exit_code == 2
     assert "no store" in result.output
+
+
+# -- --device: where the reverse sweeps run -------------------------------------------------------
+
+COMPARED = ("sign_error", "spearman", "pearson", "sign_error_over_checkpoints")
+
+
+def compared_on(path, out, device) -> tuple[dict[str, np.ndarray], dict]:
+    """compare (TracIn over checkpoints 1, 2, 3) into the fresh results store `out`, so that
+    reverse/test is computed first, on `device`: its arrays, the exact and approximate C(i) and
+    the comparison's config attribute."""
+    summary = run_comparison(
+        path,
+        "test",
+        checkpoint_methods=("tracin",),
+        png=out.with_suffix(".png"),
+        out=out,
+        device=device,
+    )
+    assert summary.computed_exact and summary.study.errors == [None, None]
+    root = zarr.open_group(out, mode="r")
+    group = root["reverse/test/comparison"]
+    arrays = {n: group[n][:] for n in (*COMPARED, "spearman_over_checkpoints", "checkpoint")}
+    for name in ("total_contribution_exact", "total_contribution_approx"):
+        arrays[name] = root["reverse/test"][name][:]
+    return arrays, dict(group.attrs["config"])
+
+
+def test_compare_on_the_cpu_named_equals_the_default(float64_run, tmp_path, monkeypatch):
+    """`device="cpu"` given explicitly: every number the default gives, bit for bit, and the
+    device reaches every model the reverse sweeps build (the exact C(i) at the last checkpoint,
+    u at checkpoints 1..3 and the sweep's model at checkpoint 0); saved with the config."""
+    seen = []
+    original = recorded_run.model_at_checkpoint
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return original(*args, **kwargs)
+
+    for module in (reverse, comparison):
+        monkeypatch.setattr(module, "model_at_checkpoint", spy)
+    default, default_config = compared_on(float64_run.path, tmp_path / "default.zarr", None)
+    assert seen == [None] * 5
+    seen.clear()
+    named, named_config = compared_on(float64_run.path, tmp_path / "cpu.zarr", "cpu")
+    assert seen == ["cpu"] * 5
+    assert named.keys() == default.keys()
+    for name, values in named.items():
+        np.testing.assert_array_equal(values, default[name], err_msg=name)
+    np.testing.assert_array_equal(named["checkpoint"], [1, 2, 3])
+    assert np.isfinite(named["spearman_over_checkpoints"]).all()
+    assert default_config["device"] is None and named_config["device"] == "cpu"
+    assert {k: v for k, v in named_config.items() if k not in ("device", "png")} == {
+        k: v for k, v in default_config.items() if k not in ("device", "png")
+    }
+
+
+def test_compare_refuses_a_bad_device_in_one_line(float64_run, tmp_path, monkeypatch):
+    """A name that is no device, and cuda where torch sees no GPU: refused before anything is
+    read or written, in the words of the other commands' --device."""
+    out = tmp_path / "results.zarr"
+    with pytest.raises(InvalidArgumentError) as error:
+        run_comparison(float64_run.path, "test", device="tpu", out=out)
+    assert str(error.value) == "--device: must be one of cpu, cuda, got 'tpu'"
+    runner = CliRunner()
+    result = runner.invoke(
+        make_app(), ["compare", str(float64_run.path), "--device", "tpu", "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert_one_error_line(result, "--device: must be one of cpu, cuda, got 'tpu'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = "--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu"
+    with pytest.raises(InvalidArgumentError) as error:
+        run_comparison(float64_run.path, "test", device="cuda", out=out)
+    assert str(error.value) == message
+    result = runner.invoke(
+        make_app(), ["compare", str(float64_run.path), "--device", "cuda", "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert_one_error_line(result, message)
+    assert not out.exists()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_compare_on_cuda_matches_the_cpu(float64_run, tmp_path):
+    """float64, CPU-recorded, no dropout (200 digits, 21 steps): the exact and approximate C(i)
+    of the sweep on the GPU within 1e-9 of their largest value (as reverse mode's in
+    tests/analysis/test_devices.py); so the scores against them agree: sign error rates within
+    one sample in 200 (a C(i) within 1e-9 of zero may change sign), Spearman and Pearson within
+    1e-5 (one swap of two neighbouring ranks moves Spearman by 1.5e-6 at N = 200)."""
+    cpu, _ = compared_on(float64_run.path, tmp_path / "cpu.zarr", None)
+    gpu, config = compared_on(float64_run.path, tmp_path / "cuda.zarr", "cuda")
+    assert config["device"] == "cuda"
+    for name in ("total_contribution_exact", "total_contribution_approx"):
+        error = float(np.abs(gpu[name] - cpu[name]).max() / np.abs(cpu[name]).max())
+        assert error < 1e-9, (name, error)
+    np.testing.assert_array_equal(gpu["checkpoint"], cpu["checkpoint"])
+    for name in ("sign_error", "sign_error_over_checkpoints"):
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=0, atol=1 / 200 + 1e-12)
+    for name in ("spearman", "pearson", "spearman_over_checkpoints"):
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=0, atol=1e-5, err_msg=name)
