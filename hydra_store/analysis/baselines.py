@@ -49,7 +49,12 @@ ArraySpec = tuple[np.ndarray, tuple[str, ...], dict[str, Any]]
 @dataclass
 class RecordedRun:
     """A complete store's trajectory, training split, test set and model at one checkpoint (in
-    `dtype`), with the loss every gradient takes (the store's)."""
+    `dtype`), with the loss every gradient takes (the store's).
+
+    The model is in eval mode (running statistics, no dropout), as the test losses are taken:
+    the baselines score each training sample by its own gradient and Hessian at the checkpoint's
+    weights, which in training mode would depend on the other samples of whatever block it is
+    computed in (BatchNorm) and on masks drawn afresh at each call (dropout)."""
 
     path: Path
     trajectory: Trajectory
@@ -97,7 +102,7 @@ class RecordedRun:
         if resolved == self.checkpoint:
             return self
         model = model_at_checkpoint(self.path, resolved, dtype=self.dtype, inputs=self.inputs)
-        return dataclasses.replace(self, model=model, checkpoint=resolved)
+        return dataclasses.replace(self, model=model.eval(), checkpoint=resolved)
 
 
 def load_recorded_run(
@@ -119,7 +124,7 @@ def load_recorded_run(
         )
     tests = resolve_test_set(path, test_set, run=data)
     resolved = resolve_checkpoint(len(trajectory.checkpoint_step), checkpoint)
-    model = model_at_checkpoint(path, resolved, dtype=dtype, inputs=inputs)
+    model = model_at_checkpoint(path, resolved, dtype=dtype, inputs=inputs).eval()
     return RecordedRun(path, trajectory, data.train, tests, model, resolved, inputs, dtype)
 
 
