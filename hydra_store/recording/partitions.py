@@ -356,7 +356,9 @@ class _PartitionRun:
                 f"the dropout masks of {path} were drawn on {drawn}, and {self.device.type} "
                 f"draws other masks from the same seeds: its partitions need a {drawn} device"
             )
-        self.direction = fingerprint_direction(self.layout.n_params, info["fingerprint_seed"])
+        self.direction = fingerprint_direction(self.layout.n_params, info["fingerprint_seed"]).to(
+            self.device
+        )
         self.history = bool(attrs.get("hypergradient_history_recorded", False))
         steps = np.asarray(group["checkpoint_step"][:])
         self.checkpoint_at = {int(s): c for c, s in enumerate(steps)}

@@ -295,7 +295,10 @@ class HydraRecorder:
         self._pending_seeds: list[int] = []
         self.buffer_layout = BufferLayout.from_model(model)
         self._fingerprint_seed = FINGERPRINT_SEED
-        self._direction = fingerprint_direction(self.layout.n_params, self._fingerprint_seed)
+        # On the model's device once, not copied there at every step (P float64 values).
+        self._direction = fingerprint_direction(self.layout.n_params, self._fingerprint_seed).to(
+            self.device
+        )
 
         self._digests = np.zeros(n_train, dtype=np.uint64)
         self._digests_dirty = False
