@@ -21,6 +21,7 @@ from hydra_store.core.gradients import batched_backward_gradients, evaluate
 from hydra_store.core.losses import cross_entropy
 from hydra_store.core.model_state import step_randomness
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters, set_flat_parameters
+from hydra_store.core.projection import CountSketchProjector
 from hydra_store.errors import InvalidArgumentError, ModelError, ReplayMismatchError
 from hydra_store.recording.durable import write_durable_point
 from hydra_store.recording.partitions import TrainingData, run_partitions
@@ -196,7 +197,7 @@ TRACKED = [1, 4, 6, 11, 15]
 COUPLED_ROW_BYTES = 2016
 
 
-def record_tracked_run(path, **options):
+def record_tracked_run(path, mode="both", **options):
     """`record_coupled_run`'s training (the same batches, masks and settings) with only
     TRACKED tracked, finished with its training data (a small `memory_budget` records it in
     partitions): the recorder and its store."""
@@ -205,7 +206,7 @@ def record_tracked_run(path, **options):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     generator = torch.Generator().manual_seed(2)
     recorder = hydra_store.HydraRecorder(
-        model, optimizer, path, n_train=N_TRAIN, tracked=TRACKED, mode="both", seed=3, **options
+        model, optimizer, path, n_train=N_TRAIN, tracked=TRACKED, mode=mode, seed=3, **options
     )
     with recorder:
         for _ in range(2):
@@ -303,6 +304,21 @@ def test_a_partitioned_coupled_runs_fingerprints_are_every_slots_gradient_along_
         assert scales[step] == pytest.approx(max(mean_norm, spread), rel=1e-10)
         ratios.append(scales[step] / float(rows.norm(dim=1).pow(2).mean().sqrt()))
     assert min(ratios) > 1 / 3 and max(ratios) < 3, ratios
+
+
+def test_a_projected_partitioned_coupled_run_reads_its_log_and_equals_the_in_memory_one(
+    tmp_path,
+):
+    """A projected run's partitions read the projected gradients training logged for its
+    tracked slots (nothing recomputed): the in-memory projected run's rows, to the bit."""
+    projector = CountSketchProjector(63, 16, seed=5)
+    options = {"mode": "approximate", "projector": projector}
+    _, memory = record_tracked_run(tmp_path / "memory.zarr", **options)
+    recorder, parts = record_tracked_run(tmp_path / "parts.zarr", memory_budget=600, **options)
+    assert recorder.plan.partitioned and parts.attrs["partitions"]["gradient_log"]
+    assert parts.attrs["step_gradient"] == "batch_backward"
+    assert np.abs(memory["hypergradient"][:]).max() > 1e-2
+    np.testing.assert_array_equal(parts["hypergradient"][:], memory["hypergradient"][:])
 
 
 def test_partitions_refuse_masks_drawn_on_another_kind_of_device(tmp_path):
