@@ -251,6 +251,10 @@ for run in "${BENCH_RUNS[@]}"; do
     --device "$DEVICE" "${BENCH[@]}"
 done
 if [ "$DEVICE" = cuda ]; then
+  # The paper's setting: the tracked samples and batches drawn from 50,000 (a few tracked a batch).
+  step "bench_paper_models densenet40,mobilenetv2 --tracked 400,2000 --train-size 50000" 240 \
+    "$OUT/bench.txt" "$PY" benchmarks/bench_paper_models.py --models densenet40,mobilenetv2 \
+    --tracked 400,2000 --train-size 50000 --device cuda "${BENCH[@]}"
   read -r model tracked <<<"$STAGED_RUN"
   step "bench_paper_models $model --tracked $tracked --device cuda --device-memory-budget 1MiB" \
     240 "$OUT/bench.txt" "$PY" benchmarks/bench_paper_models.py --models "$model" \
