@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import typer
@@ -47,8 +46,9 @@ def _given(**options):
 
 
 def _check_device(method, device: str | None) -> None:
-    """A device other than the CPU only for a method whose arguments have a `device`."""
-    if device in (None, "cpu") or "device" in {f.name for f in fields(method.config_type)}:
+    """A device other than the CPU only for a method that takes one (its arguments have a
+    `device`: every built-in method; a plug-in's may not)."""
+    if device in (None, "cpu") or method.takes_device:
         return
     validate_device(device)  # a name that is no device says so first
     raise InvalidArgumentError(
@@ -194,7 +194,8 @@ def register(app: typer.Typer) -> None:
             None,
             "--device",
             help="cpu or cuda: where the model's work runs (hydra: the test gradients; "
-            "hydra-exact: the reverse sweep) [default: cpu]",
+            "hydra-exact: the reverse sweep; influence, tracin, trak: the model, its gradients, "
+            "the Hessian and its solves or the projected Gram matrix) [default: cpu]",
         ),
         out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,

@@ -71,8 +71,8 @@ def register(app: typer.Typer) -> None:
             _COMPARE.device,
             "--device",
             help="cpu or cuda: where the reverse sweeps (over checkpoints, and one for the exact "
-            "contributions not stored yet) run; the checkpoint methods run on the CPU "
-            "[default: cpu]",
+            "contributions not stored yet) and the checkpoint methods run (a method's stored "
+            "options are reused, its device is this one) [default: cpu]",
         ),
         out: str | None = RESULTS_OUT_OPTION,
         dataset: str | None = DATASET_OPTION,

@@ -303,8 +303,8 @@ class CompareConfig:
     checkpoints beside HyDRA's approximation (names of methods that give C(i) at any
     checkpoint: influence, tracin, trak); None: every such method, () none. `device`: where the
     reverse sweeps run (the one over checkpoints, and the exact C(i) when `reverse/<test set>`
-    is not stored yet); None: the CPU. The checkpoint methods take no device: they run on the
-    CPU."""
+    is not stored yet) and the checkpoint methods run (each with the arguments it last ran with,
+    on this device whatever device it ran on then); None: the CPU."""
 
     test_set: str = "test"
     over_checkpoints: bool = True
@@ -382,7 +382,11 @@ def _validate_baseline(config: Any) -> None:
     (negative counts from the end), else the stored checkpoint whose weights the method works at
     (TracIn: the last checkpoint of its sum); `per_test`, None, a count (the first K test
     samples) or a tuple of test indices given their own C(i, j). Both are checked against the
-    store when it is read; here only their types and a count below 1."""
+    store when it is read; here only their types and a count below 1. `device`: where the
+    model is built and every gradient, Hessian product and solve runs, "cpu" or "cuda" (None:
+    the CPU; `validate_device`); saved with the config, but where it ran is not what it
+    computed, so `compare` reuses a stored config on its own device."""
+    validate_device(config.device)
     per_test = config.per_test
     if isinstance(per_test, bool) or not (per_test is None or isinstance(per_test, (int, tuple))):
         raise InvalidArgumentError(
@@ -418,8 +422,8 @@ class InfluenceConfig:
     at `cg_tolerance` relative residual or `cg_max_iterations`), or lissa (`lissa_repeats`
     recursions of `lissa_depth` steps on minibatches of `lissa_batch_size` samples drawn with
     `seed`, divided by `lissa_scale`; None: 1.5 x the largest eigenvalue, by power iteration).
-    `batch_size`: samples per Hessian-vector or gradient batch. `checkpoint` and `per_test`:
-    as in ReverseConfig (`_validate_baseline`)."""
+    `batch_size`: samples per Hessian-vector or gradient batch. `checkpoint`, `per_test` and
+    `device`: as in ReverseConfig (`_validate_baseline`)."""
 
     test_set: str = "test"
     checkpoint: int | None = None
@@ -434,6 +438,7 @@ class InfluenceConfig:
     lissa_batch_size: int = 128
     seed: int = 0
     batch_size: int = 1024
+    device: str | None = None
 
     def validate(self) -> None:
         _validate_baseline(self)
@@ -458,13 +463,14 @@ class InfluenceConfig:
 class TracInConfig:
     """Arguments of one TracIn run over the stored checkpoints (`analyze --method tracin`);
     saved as the `config` attribute of `tracin/<test set>`. `batch_size`: samples per
-    gradient batch. `checkpoint`: the sum runs over checkpoints 1..checkpoint; `per_test`: as in
-    ReverseConfig (`_validate_baseline`)."""
+    gradient batch. `checkpoint`: the sum runs over checkpoints 1..checkpoint; `per_test` and
+    `device`: as in ReverseConfig (`_validate_baseline`)."""
 
     test_set: str = "test"
     checkpoint: int | None = None
     per_test: int | tuple[int, ...] | None = None
     batch_size: int = 1024
+    device: str | None = None
 
     def validate(self) -> None:
         _validate_baseline(self)
@@ -477,7 +483,7 @@ class TrakConfig:
     as the `config` attribute of `trak/<test set>`. `project_dim`: the width K of the tensor
     sketch the per-sample gradients are projected to (None, or not below the parameter count:
     no projection), drawn with `seed`; `damping` is added to the projected Gram matrix divided
-    by N. `checkpoint` and `per_test`: as in ReverseConfig (`_validate_baseline`)."""
+    by N. `checkpoint`, `per_test` and `device`: as in ReverseConfig (`_validate_baseline`)."""
 
     test_set: str = "test"
     checkpoint: int | None = None
@@ -486,6 +492,7 @@ class TrakConfig:
     damping: float = 0.01
     seed: int = 0
     batch_size: int = 256
+    device: str | None = None
 
     def validate(self) -> None:
         _validate_baseline(self)

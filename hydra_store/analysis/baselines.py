@@ -9,6 +9,12 @@ convention (positive: removing i would raise the test loss, so i helps); with `p
 test sample j, whose mean over all test samples is C(i). Each runs at any stored checkpoint
 (`checkpoint`; the attributes `checkpoint`, `step` and `n_checkpoints` say which), and gives
 `compare` its C(i) at a list of checkpoints without writing anything (`totals_at`).
+
+Each runs on the device its config names (`device`, None: the CPU): the model is built there
+(`load_recorded_run`, `RecordedRun.at`), the training and test data stay in host memory and go
+to the model's device as they are used (batch by batch; the influence Hessian's samples once),
+every tensor the computation makes is made there, and the results come back to host memory
+before they become numpy arrays.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ ArraySpec = tuple[np.ndarray, tuple[str, ...], dict[str, Any]]
 @dataclass
 class RecordedRun:
     """A complete store's trajectory, training split, test set and model at one checkpoint (in
-    `dtype`), with the loss every gradient takes (the store's).
+    `dtype`, on `device`; None: the CPU), with the loss every gradient takes (the store's). The
+    data stay in host memory; each computation follows the model's device.
 
     The model is in eval mode (running statistics, no dropout), as the test losses are taken:
     the baselines score each training sample by its own gradient and Hessian at the checkpoint's
@@ -64,6 +71,7 @@ class RecordedRun:
     checkpoint: int
     inputs: RunInputs | None = None
     dtype: torch.dtype | None = None
+    device: str | None = None
 
     @property
     def layout(self) -> ParameterLayout:
@@ -97,11 +105,14 @@ class RecordedRun:
         return self.trajectory.settings(step - 1, step)[0].weight_decay
 
     def at(self, checkpoint: int | None) -> RecordedRun:
-        """The same run with the model at another checkpoint (None: the last)."""
+        """The same run with the model at another checkpoint (None: the last), on the same
+        device."""
         resolved = resolve_checkpoint(self.n_checkpoints, checkpoint)
         if resolved == self.checkpoint:
             return self
-        model = model_at_checkpoint(self.path, resolved, dtype=self.dtype, inputs=self.inputs)
+        model = model_at_checkpoint(
+            self.path, resolved, dtype=self.dtype, inputs=self.inputs, device=self.device
+        )
         return dataclasses.replace(self, model=model.eval(), checkpoint=resolved)
 
 
@@ -111,9 +122,11 @@ def load_recorded_run(
     inputs: RunInputs | None,
     dtype: torch.dtype | None = None,
     checkpoint: int | None = None,
+    device: str | None = None,
 ) -> RecordedRun:
     """The run of a complete store at a checkpoint (None: the last; negative counts from the
-    end), refusing an unfinished store."""
+    end), its model on `device` (None: left where it is built, the CPU for a store's own
+    model), refusing an unfinished store."""
     require_complete(open_group(path), path)
     trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
     data = load_run_data(path, inputs)
@@ -124,8 +137,8 @@ def load_recorded_run(
         )
     tests = resolve_test_set(path, test_set, run=data)
     resolved = resolve_checkpoint(len(trajectory.checkpoint_step), checkpoint)
-    model = model_at_checkpoint(path, resolved, dtype=dtype, inputs=inputs).eval()
-    return RecordedRun(path, trajectory, data.train, tests, model, resolved, inputs, dtype)
+    model = model_at_checkpoint(path, resolved, dtype=dtype, inputs=inputs, device=device).eval()
+    return RecordedRun(path, trajectory, data.train, tests, model, resolved, inputs, dtype, device)
 
 
 def chosen_test_samples(per_test: int | Sequence[int] | None, tests: TestSet) -> np.ndarray:
@@ -137,8 +150,9 @@ def chosen_test_samples(per_test: int | Sequence[int] | None, tests: TestSet) ->
 def per_test_gradients(
     run: RecordedRun, chosen: np.ndarray, batch_size: int = 1024
 ) -> torch.Tensor:
-    """The loss gradient of each chosen test sample at the run's weights, (K, P), in eval mode
-    (as the mean test-loss gradient u is taken: their mean over all test samples is u)."""
+    """The loss gradient of each chosen test sample at the run's weights, (K, P) on the model's
+    device, in eval mode (as the mean test-loss gradient u is taken: their mean over all test
+    samples is u). The test samples are picked in host memory, where the test set is."""
     index = torch.from_numpy(np.asarray(chosen, dtype=np.int64))
     blocks = [
         per_sample_loss_gradients(
@@ -160,10 +174,10 @@ DIRECTION_BLOCK = 32
 def training_dots(
     run: RecordedRun, directions: torch.Tensor, batch_size: int = 1024
 ) -> torch.Tensor:
-    """``g_i . v_k`` for every training sample i and each row v_k of `directions` (K, P): (N, K),
-    without forming the per-sample gradients. One direction takes one forward-mode pass per
-    batch (`per_sample_directional_derivatives`, as the totals always have); K take vmapped
-    passes over blocks of DIRECTION_BLOCK directions."""
+    """``g_i . v_k`` for every training sample i and each row v_k of `directions` (K, P): (N, K)
+    on the model's device, without forming the per-sample gradients. One direction takes one
+    forward-mode pass per batch (`per_sample_directional_derivatives`, as the totals always
+    have); K take vmapped passes over blocks of DIRECTION_BLOCK directions."""
     model, layout, train = run.model, run.layout, run.train
     if directions.shape[0] == 1:
         dots = per_sample_directional_derivatives(

@@ -238,7 +238,8 @@ def checkpoint_study(
     of the trajectory, the same C(i) to the bit as one truncated sweep per checkpoint); each
     method's from its `totals_at`, computed as it would be by a run with `checkpoint=k` (a
     method that fails gets a row of NaN and its error). `device`: where the test directions are
-    taken and the sweep runs (None: the CPU); the methods take no device (they run on the CPU)."""
+    taken and the sweep runs (None: the CPU); each method runs where its config says
+    (`ContributionMethod.checkpoint_config` gives it `run_comparison`'s device)."""
     if every < 1:
         raise InvalidArgumentError(f"--every must be >= 1, got {every}")
     trajectory = Trajectory(path, loss=inputs.loss if inputs is not None else None)
@@ -397,8 +398,9 @@ def run_comparison(
     `inputs`: the model, data and loss given in Python (`hydra_store.RunInputs`), for a store
     that does not name them. `out`: a results store to read and write the result groups in
     instead of the recording (the PNG then goes beside it). `device`: where the reverse sweeps
-    run (over checkpoints, and the exact C(i) when not stored yet); a run whose dropout masks
-    were drawn on a GPU replays only there."""
+    run (over checkpoints, and the exact C(i) when not stored yet) and the checkpoint methods
+    that take a device run (a stored config's own device is not kept: `checkpoint_config`); a
+    run whose dropout masks were drawn on a GPU replays only there."""
     if options.get("png") is not None:
         options["png"] = str(options["png"])
     if isinstance(options.get("checkpoint_methods"), (list, tuple)):
@@ -432,7 +434,7 @@ def run_comparison(
     study = CheckpointStudy.empty()
     png_path = None
     if config.over_checkpoints:
-        configured = [(m, *m.checkpoint_config(results, test_set)) for m in over]
+        configured = [(m, *m.checkpoint_config(results, test_set, config.device)) for m in over]
         study = checkpoint_study(
             path,
             test_set,

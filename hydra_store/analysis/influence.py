@@ -22,7 +22,8 @@ automatic damping is chosen from that point's spectrum. `compare` scores it so a
 checkpoint (`InfluenceMethod.totals_at`).
 
 The Hessian, its solves and the gradients are computed in float64 (the model is rebuilt in
-float64 at the checkpoint's weights), whatever the store's dtype.
+float64 at the checkpoint's weights), whatever the store's dtype, on the config's `device` (None:
+the CPU; the dense Hessian, its eigendecomposition and the Krylov vectors live there too).
 """
 
 from __future__ import annotations
@@ -425,7 +426,12 @@ def run_influence(
     started = time.perf_counter()
     path = store_path(path)
     run = load_recorded_run(
-        path, config.test_set, inputs, dtype=torch.float64, checkpoint=config.checkpoint
+        path,
+        config.test_set,
+        inputs,
+        dtype=torch.float64,
+        checkpoint=config.checkpoint,
+        device=config.device,
     )
     chosen = chosen_test_samples(config.per_test, run.tests)
     results = results_root(path, out)
@@ -538,7 +544,9 @@ class InfluenceMethod(BaselineMethod):
         """C_IF(i) at the weights of each checkpoint (the damping chosen afresh at each when
         automatic), as `run_influence` computes them; nothing written, no warning."""
         config.validate()
-        run = load_recorded_run(path, config.test_set, inputs, dtype=torch.float64)
+        run = load_recorded_run(
+            path, config.test_set, inputs, dtype=torch.float64, device=config.device
+        )
         out = np.zeros((len(checkpoints), run.n_train))
         for row, k in enumerate(checkpoints):
             found = influence_contributions(run.at(k), config, np.zeros(0, dtype=np.int64))

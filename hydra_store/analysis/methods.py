@@ -85,16 +85,31 @@ class ContributionMethod(ABC):
         """Whether the method implements `totals_at`."""
         return type(self).totals_at is not ContributionMethod.totals_at
 
-    def checkpoint_config(self, results: Path, test_set: str) -> tuple[Any, bool]:
+    @property
+    def takes_device(self) -> bool:
+        """Whether it runs on a device of the caller's choice: its arguments have a `device`
+        ("cpu", "cuda"; None: the CPU). `analyze --device cuda` is refused for a method without
+        one, and `compare --device` reaches only those with one; the others run on the CPU."""
+        return "device" in {f.name for f in dataclasses.fields(self.config_type)}
+
+    def checkpoint_config(
+        self, results: Path, test_set: str, device: str | None = None
+    ) -> tuple[Any, bool]:
         """(the arguments `compare` scores it with over checkpoints, whether they are the ones it
         last ran with on this test set): its stored `config` attribute in `results` (without
-        `per_test` and `checkpoint`), else `default_checkpoint_config`."""
+        `per_test` and `checkpoint`), else `default_checkpoint_config`; on `device` when it
+        takes one. The device is where a method runs, not what it computes: a stored config's
+        own device is replaced by `device`, and it is still the config it last ran with."""
         stored = stored_config(results, f"{self.group}/{group_name(test_set)}", self.config_type)
         if stored is None:
-            return self.default_checkpoint_config(test_set), False
-        names = {f.name for f in dataclasses.fields(stored)}
-        reset = {k: None for k in ("per_test", "checkpoint") if k in names}
-        return dataclasses.replace(stored, **reset), True
+            config, found = self.default_checkpoint_config(test_set), False
+        else:
+            names = {f.name for f in dataclasses.fields(stored)}
+            reset = {k: None for k in ("per_test", "checkpoint") if k in names}
+            config, found = dataclasses.replace(stored, **reset), True
+        if self.takes_device:
+            config = dataclasses.replace(config, device=device)
+        return config, found
 
     def default_checkpoint_config(self, test_set: str) -> Any:
         """The arguments it is scored with over checkpoints when it has not run on the store."""

@@ -14,7 +14,8 @@ h`` with ``h ~ -sum_k L_k g_i(w_k)`` and u taken at each checkpoint: HyDRA's sca
 (positive: i helps). TracIn as published uses the checkpoints' learning rates and ignores
 momentum; so does this (with momentum p its magnitudes are about (1 - p) times HyDRA's, which
 changes no rank and no sign). Each checkpoint's term is stored too (`checkpoint_contribution`).
-Cost per checkpoint: one test gradient and one forward-mode pass over the training set.
+Cost per checkpoint: one test gradient and one forward-mode pass over the training set, on the
+config's `device` (None: the CPU; each checkpoint's model is built there).
 
 `checkpoint` K sums over checkpoints 1..K only (the contribution to the model at K). Per test
 sample j (`per_test`), u(w_k) is replaced by the test sample's own loss gradient g_j(w_k):
@@ -174,7 +175,9 @@ def run_tracin(
     config.validate()
     started = time.perf_counter()
     path = store_path(path)
-    run = load_recorded_run(path, config.test_set, inputs, checkpoint=config.checkpoint)
+    run = load_recorded_run(
+        path, config.test_set, inputs, checkpoint=config.checkpoint, device=config.device
+    )
     chosen = chosen_test_samples(config.per_test, run.tests)
     results = results_root(path, out)
     found = tracin_terms(
@@ -268,7 +271,7 @@ class TracInMethod(BaselineMethod):
         """C_TracIn(i) summed over checkpoints 1..k for each k: the running sum of one pass
         over the checkpoints up to the largest k."""
         config.validate()
-        run = load_recorded_run(path, config.test_set, inputs)
+        run = load_recorded_run(path, config.test_set, inputs, device=config.device)
         wanted = [resolve_checkpoint(run.n_checkpoints, k) for k in checkpoints]
         found = tracin_terms(
             run, last=max(wanted, default=0), batch_size=config.batch_size, progress=progress

@@ -10,7 +10,9 @@ empirical Fisher, in HyDRA's scale and sign (positive: i helps). What it is and 
 core/trak.py (one model, no ensemble, loss gradients instead of margin gradients with the Q
 reweighting, CountSketch instead of a dense projection, no soft-thresholding). Per test sample
 j (`per_test`), phi_u is replaced by ``phi_j = R^T g_j``; their mean over all test samples is
-phi_u, so the mean of C(i, j) is C(i).
+phi_u, so the mean of C(i, j) is C(i). Everything runs on the config's `device` (None: the CPU):
+the projected gradients (N, K) float64 and the K x K solve stay there until the scores are
+read back.
 """
 
 from __future__ import annotations
@@ -85,11 +87,12 @@ def trak_contributions(
     )
     u, _ = mean_loss_gradient(model, layout, run.tests.inputs, run.tests.targets, loss=loss)
     direction = projector.project(u[None])[0]
-    total = trak_scores(features, direction, config.damping).numpy()
+    total = trak_scores(features, direction, config.damping).cpu().numpy()
     per_test = None
     if chosen.size:
         gradients = per_test_gradients(run, chosen, config.batch_size)
-        per_test = trak_scores(features, projector.project(gradients), config.damping).numpy()
+        scores = trak_scores(features, projector.project(gradients), config.damping)
+        per_test = scores.cpu().numpy()
     return TrakResult(total, per_test, projector)
 
 
@@ -150,7 +153,9 @@ def run_trak(
     config.validate()
     started = time.perf_counter()
     path = store_path(path)
-    run = load_recorded_run(path, config.test_set, inputs, checkpoint=config.checkpoint)
+    run = load_recorded_run(
+        path, config.test_set, inputs, checkpoint=config.checkpoint, device=config.device
+    )
     chosen = chosen_test_samples(config.per_test, run.tests)
     results = results_root(path, out)
     found = trak_contributions(run, config, chosen, progress)
@@ -227,7 +232,7 @@ class TrakMethod(BaselineMethod):
         """C_TRAK(i) at the weights of each checkpoint (the same projector at each), as
         `run_trak` computes them; nothing written."""
         config.validate()
-        run = load_recorded_run(path, config.test_set, inputs)
+        run = load_recorded_run(path, config.test_set, inputs, device=config.device)
         out = np.zeros((len(checkpoints), run.n_train))
         for row, k in enumerate(checkpoints):
             out[row] = trak_contributions(run.at(k), config, np.zeros(0, dtype=np.int64)).total

@@ -53,7 +53,8 @@ HESSIAN_BLOCK = 128
 class TrainingHessian:
     """The Hessian of ``(1/N) sum_k l_k(w) + (weight_decay/2) |w|^2`` over the given samples at
     `point`, applied to vectors in batches of `batch_size` samples (float64 throughout is the
-    caller's choice: the model, point and vectors must share a dtype)."""
+    caller's choice: the model, point and vectors must share a dtype and a device; the samples
+    are moved to the point's device once, here)."""
 
     def __init__(
         self,
@@ -89,6 +90,8 @@ class TrainingHessian:
         rows (the dense Hessian) by torch.func's vmapped forward-over-reverse
         (`hessian_vector_products`), which measured as fast as or faster than batched double
         backward there."""
+        if index is not None:
+            index = index.to(self.inputs.device)
         x = self.inputs if index is None else self.inputs[index]
         y = self.targets if index is None else self.targets[index]
         n = int(y.shape[0])
@@ -130,7 +133,8 @@ class TrainingHessian:
         for n, start in enumerate(blocks, start=1):
             stop = min(p, start + HESSIAN_BLOCK)
             basis = torch.zeros(stop - start, p, dtype=dtype, device=device)
-            basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+            rows = torch.arange(stop - start, device=device)
+            basis[rows, torch.arange(start, stop, device=device)] = 1.0
             hessian[start:stop] = self.apply(basis)
             if progress is not None:
                 progress("Hessian", n, len(blocks))
@@ -268,7 +272,8 @@ def lissa(
     solution for the mean of the rows is the mean of their solutions. It converges when every
     eigenvalue of the damped minibatch Hessians lies in (0, 2 scale); a recursion that grows
     faster than its convergent bound ``|h_j| <= (j + 1) |b|`` is stopped with AnalysisError
-    (the scale is too small)."""
+    (the scale is too small). The minibatches are drawn on the CPU whatever b's device, so a
+    seed draws the same samples everywhere."""
     generator = torch.Generator().manual_seed(seed)
     single = b.ndim == 1
     rhs = b[None] if single else b
@@ -315,7 +320,8 @@ def lanczos_extremes(
     """(smallest, largest) eigenvalue estimates of a symmetric A: the extreme Ritz values after
     `steps` Lanczos steps (full reorthogonalisation) from a seeded random start. The extremes
     converge first; the smallest Ritz value is an upper bound of the smallest eigenvalue and the
-    largest a lower bound of the largest."""
+    largest a lower bound of the largest. The start is drawn on the CPU in float64 (the same on
+    every device) and moved to `device`."""
     steps = max(1, min(int(steps), int(n_params)))
     generator = torch.Generator().manual_seed(seed)
     v = torch.randn(n_params, generator=generator, dtype=torch.float64).to(device, dtype)

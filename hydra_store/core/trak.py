@@ -58,9 +58,9 @@ def projected_gradients(
     batch_size: int = 256,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """``R^T g_i`` for every given sample, (n, K) float64, at the model's weights: from the
-    tensor-sketch hooks when the projector is a tensor sketch, else from the full per-sample
-    gradients projected."""
+    """``R^T g_i`` for every given sample, (n, K) float64 on the model's device, at the model's
+    weights: from the tensor-sketch hooks when the projector is a tensor sketch, else from the
+    full per-sample gradients projected. Each batch is moved to the model's device as used."""
     if projector.n_params != layout.n_params:
         raise InvalidArgumentError(
             f"the projector maps {projector.n_params} parameters; the model has {layout.n_params}"
@@ -73,7 +73,7 @@ def projected_gradients(
     )
     full = PerSampleGradients(model, layout, loss) if sketched is None else None
     n = int(targets.shape[0])
-    out = torch.empty(n, projector.width, dtype=torch.float64)
+    out = torch.empty(n, projector.width, dtype=torch.float64, device=param.device)
     batches = range(0, n, batch_size)
     for count, start in enumerate(batches, start=1):
         x = inputs[start : start + batch_size].to(param.device, param.dtype)
@@ -82,7 +82,7 @@ def projected_gradients(
             block = sketched(x, y).projected
         else:
             block = projector.project(full(x, y)[1])
-        out[start : start + x.shape[0]] = block.detach().to("cpu", torch.float64)
+        out[start : start + x.shape[0]] = block.detach().to(torch.float64)
         if progress is not None:
             progress("projected gradients", count, len(batches))
     return out
@@ -92,17 +92,18 @@ def trak_scores(features: torch.Tensor, direction: torch.Tensor, damping: float)
     """``(1/N) phi_i . (Phi^T Phi / N + damping I)^{-1} phi_u`` for every row phi_i of
     `features` (N, K), float64, by a Cholesky solve of the K x K system: (N,) for one direction
     phi_u (K,), or (N, T) for T directions given as the rows of a (T, K) tensor (per test
-    sample: phi_j = R^T g_j)."""
+    sample: phi_j = R^T g_j), on the device of `features`."""
     if not damping > 0:
         raise InvalidArgumentError(f"the TRAK damping must be positive, got {damping}")
     phi = features.to(torch.float64)
     n, k = phi.shape
-    gram = phi.T @ phi / max(1, n) + damping * torch.eye(k, dtype=torch.float64)
+    eye = torch.eye(k, dtype=torch.float64, device=phi.device)
+    gram = phi.T @ phi / max(1, n) + damping * eye
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         raise AnalysisError("the projected Gram matrix is not positive definite; raise --damping")
     single = direction.ndim == 1
-    target = direction.to(torch.float64).reshape(-1, k).T
+    target = direction.to(phi.device, torch.float64).reshape(-1, k).T
     solved = torch.cholesky_solve(target, factor)
     scores = phi @ solved / max(1, n)
     return scores[:, 0] if single else scores

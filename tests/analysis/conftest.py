@@ -28,3 +28,20 @@ def analysed_noisy_store(noisy_digits_store, tmp_path_factory) -> Path:
     summary = analyze(target, AnalyzeConfig(figures=False))
     assert summary.noise is not None
     return target
+
+
+def spy_on_model_devices(monkeypatch, *modules) -> list:
+    """The `device` of every `model_at_checkpoint` call made through `modules` (each module's
+    imported name is patched) from now on."""
+    from hydra_store.replay import recorded_run
+
+    seen = []
+    original = recorded_run.model_at_checkpoint
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return original(*args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, "model_at_checkpoint", spy)
+    return seen

@@ -28,6 +28,7 @@ from hydra_store.replay import recorded_run
 from hydra_store.replay.recorded_run import as_split, model_at_checkpoint
 from hydra_store.replay.trajectory import Trajectory
 from hydra_store_cli.main import app
+from tests.analysis.conftest import spy_on_model_devices
 from tests.cli.test_record import assert_one_error_line
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,16 +48,7 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
 
 def devices_asked(monkeypatch) -> list:
     """The `device` of every model_at_checkpoint call the analysers make from now on."""
-    seen = []
-    original = recorded_run.model_at_checkpoint
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("device"))
-        return original(*args, **kwargs)
-
-    for module in (recorded_run, reverse, validation):
-        monkeypatch.setattr(module, "model_at_checkpoint", spy)
-    return seen
+    return spy_on_model_devices(monkeypatch, recorded_run, reverse, validation)
 
 
 def every_analyser(path, out, device) -> dict[str, np.ndarray]:
@@ -137,14 +129,10 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(
     assert not out.exists()
 
 
-def test_a_method_without_a_device_refuses_cuda_in_one_line(digits_store, monkeypatch):
-    """The baselines run on the CPU: asking for CUDA says so instead of ignoring it."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_a_baseline_refuses_a_name_that_is_no_device_in_one_line(digits_store):
+    """The baselines take a device too (tests/analysis/test_baseline_devices.py, with a
+    plug-in's method that takes none and refuses CUDA in one line)."""
     runner = CliRunner()
-    result = runner.invoke(
-        app, ["analyze", str(digits_store), "--method", "tracin", "--device", "cuda"]
-    )
-    assert_one_error_line(result, "method 'tracin' runs on the CPU only")
     bad = runner.invoke(app, ["analyze", str(digits_store), "--method", "trak", "--device", "tpu"])
     assert_one_error_line(bad, "--device: must be one of cpu, cuda, got 'tpu'")
 
