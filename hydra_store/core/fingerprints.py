@@ -48,19 +48,33 @@ def gradient_scale(gradients: torch.Tensor) -> float:
     return float(gradients.norm()) / max(1, gradients.shape[0]) ** 0.5
 
 
-def estimated_gradient_scale(fingerprints: np.ndarray, mean_gradient: torch.Tensor) -> float:
-    """`gradient_scale` of a step whose per-sample gradients were not formed (a BatchNorm or
-    dropout model takes only its tracked slots' rows), from its fingerprints f_i and its mean
-    gradient. For u uniform on the unit sphere of R^P, E[<g, u>^2] = |g|^2 / P, so
-    sqrt(P mean_i f_i^2) estimates the root-mean-square norm; where the gradients point alike
-    that estimate scatters as one chi-square variate does, but then the norm of their mean,
-    which never exceeds the root-mean-square norm, is close to it. The larger of the two: a
-    floor of the fingerprint check's tolerance within a small factor of the exact one."""
-    n_params = int(mean_gradient.numel())
+def estimated_gradient_scale(
+    fingerprints: np.ndarray,
+    mean_gradient: torch.Tensor,
+    tracked_rows: torch.Tensor | None = None,
+) -> float:
+    """`gradient_scale` of a step whose per-sample gradients were not all formed (a BatchNorm
+    or dropout model forms only its tracked slots' rows), from its B fingerprints f_i, its mean
+    gradient and the rows it did form. The largest of three figures:
+
+    - sqrt(P mean_i f_i^2): for u uniform on the unit sphere of R^P, E[<g, u>^2] = |g|^2 / P,
+      so it estimates the root-mean-square norm; it scatters as a chi-square variate of few
+      degrees of freedom where few gradients dominate the batch;
+    - |mean_i g_i| and sqrt(sum over the formed rows |g_i|^2 / B): both never exceed the
+      root-mean-square norm, and the first is close to it where the gradients point alike, the
+      second where the dominant gradients are tracked ones.
+
+    A floor of the fingerprint check's tolerance: lower than the exact one only where the
+    gradients of untracked samples dominate and point apart (docs/scaling.md)."""
+    n_params, batch = int(mean_gradient.numel()), max(1, int(fingerprints.size))
     spread = (
         float(np.sqrt(n_params * np.mean(np.square(fingerprints)))) if fingerprints.size else 0.0
     )
-    return max(float(torch.linalg.vector_norm(mean_gradient.double())), spread)
+    mean_norm = float(torch.linalg.vector_norm(mean_gradient.double()))
+    formed = 0.0
+    if tracked_rows is not None and tracked_rows.numel():
+        formed = float(torch.linalg.vector_norm(tracked_rows.double())) / batch**0.5
+    return max(mean_norm, formed, spread)
 
 
 def check_gradient_fingerprints(

@@ -41,6 +41,7 @@ from hydra_store.core.fingerprints import (
 from hydra_store.core.gradients import (
     PerSampleGradients,
     batch_gradient,
+    batched_backward_gradients,
     slot_fingerprints,
     slot_gradients,
 )
@@ -56,6 +57,7 @@ from hydra_store.core.losses import BUILT_IN_LOSSES, LossFunction, PerSampleLoss
 from hydra_store.core.model_state import (
     BufferLayout,
     batch_norms,
+    frozen_running_stats,
     has_dropout,
     needs_batch_forward,
     step_randomness,
@@ -292,6 +294,7 @@ class HydraRecorder:
             and self.sketched is None
             and (self._draws_masks or self._batch_norm)
         )
+        self._forward_mode_fingerprints: bool | None = None  # None: not tried yet
         self._pending_seeds: list[int] = []
         self.buffer_layout = BufferLayout.from_model(model)
         self._fingerprint_seed = FINGERPRINT_SEED
@@ -760,16 +763,9 @@ class HydraRecorder:
                 fingerprints = sketched.fingerprints.double().cpu().numpy()
                 scale = sketched.gradient_scale
             elif step_gradient is not None:
-                with step_randomness(seed, self.device):  # the masks of the step's forward pass
-                    fingerprints = (
-                        slot_fingerprints(
-                            self.model, self.layout, inputs, targets, self._direction, self.loss
-                        )
-                        .double()
-                        .cpu()
-                        .numpy()
-                    )
-                scale = estimated_gradient_scale(fingerprints, step_gradient)
+                fingerprints, scale = self._every_slots_fingerprints(
+                    inputs, targets, seed, step_gradient, gradients
+                )
             else:
                 fingerprints = gradient_fingerprints(gradients, self._direction)
                 scale = gradient_scale(gradients)
@@ -824,6 +820,41 @@ class HydraRecorder:
         self._epoch_losses.append(loss * index.size)
         self._epoch_samples += index.size
         return loss
+
+    def _every_slots_fingerprints(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        seed: int | None,
+        step_gradient: torch.Tensor,
+        tracked_rows: torch.Tensor,
+    ) -> tuple[np.ndarray, float]:
+        """(every slot's fingerprint, the step's gradient scale) of a partitioned step that
+        formed only its tracked slots' rows: by one forward-mode pass and the estimated scale
+        where the model's operations have forward-mode derivatives; else (an
+        `autograd.Function` without a jvp, say: known at the first step) from every slot's
+        row, as before the tracked-slots path, exact and a batched backward pass dearer."""
+        if self._forward_mode_fingerprints is not False:
+            try:
+                with step_randomness(seed, self.device):  # the masks of the step's forward pass
+                    dots = slot_fingerprints(
+                        self.model, self.layout, inputs, targets, self._direction, self.loss
+                    )
+            except (RuntimeError, NotImplementedError) as error:
+                if self._forward_mode_fingerprints or unwrap_interruption(error) is not error:
+                    raise
+                self._forward_mode_fingerprints = False
+            else:
+                self._forward_mode_fingerprints = True
+                fingerprints = dots.double().cpu().numpy()
+                return fingerprints, estimated_gradient_scale(
+                    fingerprints, step_gradient, tracked_rows
+                )
+        with step_randomness(seed, self.device), frozen_running_stats(self.model):
+            every = batched_backward_gradients(self.model, self.layout, inputs, targets, self.loss)[
+                1
+            ]
+        return gradient_fingerprints(every, self._direction), gradient_scale(every)
 
     def _batch_index(self, indices) -> np.ndarray:
         """The batch's training-set indices as int64, refusing what is not a list of integers."""

@@ -197,12 +197,12 @@ TRACKED = [1, 4, 6, 11, 15]
 COUPLED_ROW_BYTES = 2016
 
 
-def record_tracked_run(path, mode="both", **options):
+def record_tracked_run(path, mode="both", build=coupled_net, **options):
     """`record_coupled_run`'s training (the same batches, masks and settings) with only
     TRACKED tracked, finished with its training data (a small `memory_budget` records it in
-    partitions): the recorder and its store."""
+    partitions), of the model `build` makes: the recorder and its store."""
     (x, y), _ = data()
-    model = coupled_net()
+    model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     generator = torch.Generator().manual_seed(2)
     recorder = hydra_store.HydraRecorder(
@@ -213,8 +213,35 @@ def record_tracked_run(path, mode="both", **options):
             for index in torch.randperm(N_TRAIN, generator=generator).split(6):
                 recorder.step(x[index], y[index], index)
             recorder.end_epoch()
-        recorder.finish(training_data=TrainingData(coupled_net(), x, y))
+        recorder.finish(training_data=TrainingData(build(), x, y))
     return recorder, zarr.open_group(path, mode="r")
+
+
+class _PlainReLU(torch.autograd.Function):
+    """ReLU as an autograd.Function with a backward and no forward-mode derivative (the old
+    style: `forward` takes `ctx`), as some users' custom layers are."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _PlainReLUModule(nn.Module):
+    def forward(self, x):
+        return _PlainReLU.apply(x)
+
+
+def net_without_forward_mode() -> nn.Module:
+    """`coupled_net` with its ReLU an autograd.Function that has no jvp."""
+    model = coupled_net()
+    model[2] = _PlainReLUModule()
+    return model
 
 
 def test_a_tracked_subset_takes_only_its_rows_and_the_same_steps(coupled_run, unrolled, tmp_path):
@@ -301,7 +328,9 @@ def test_a_partitioned_coupled_runs_fingerprints_are_every_slots_gradient_along_
         )
         spread = np.sqrt(layout.n_params * np.mean(naive**2))
         mean_norm = float(rows.mean(0).norm())
-        assert scales[step] == pytest.approx(max(mean_norm, spread), rel=1e-10)
+        tracked = torch.from_numpy(np.isin(batch.numpy(), TRACKED))
+        formed = float(rows[tracked].norm()) / batch.numel() ** 0.5
+        assert scales[step] == pytest.approx(max(mean_norm, formed, spread), rel=1e-10)
         ratios.append(scales[step] / float(rows.norm(dim=1).pow(2).mean().sqrt()))
     assert min(ratios) > 1 / 3 and max(ratios) < 3, ratios
 
@@ -319,6 +348,24 @@ def test_a_projected_partitioned_coupled_run_reads_its_log_and_equals_the_in_mem
     assert parts.attrs["step_gradient"] == "batch_backward"
     assert np.abs(memory["hypergradient"][:]).max() > 1e-2
     np.testing.assert_array_equal(parts["hypergradient"][:], memory["hypergradient"][:])
+
+
+def test_a_model_without_forward_mode_derivatives_is_fingerprinted_from_every_row(tmp_path):
+    """A partitioned step fingerprints every slot by a jvp; a model with an operation that has
+    none (an old-style autograd.Function) takes every slot's row instead, from the first step
+    on, and records what the in-memory run records."""
+    options = {"mode": "approximate", "build": net_without_forward_mode}
+    _, memory = record_tracked_run(tmp_path / "memory.zarr", **options)
+    recorder, parts = record_tracked_run(
+        tmp_path / "parts.zarr", memory_budget=2 * COUPLED_ROW_BYTES, **options
+    )
+    assert recorder.plan.partitioned and recorder._forward_mode_fingerprints is False
+    np.testing.assert_array_equal(parts["weights"][:], memory["weights"][:])
+    expected = np.asarray(memory["hypergradient"][:])
+    assert np.abs(expected).max() > 1e-2
+    np.testing.assert_allclose(
+        parts["hypergradient"][:], expected, rtol=0, atol=2**-22 * np.abs(expected).max()
+    )
 
 
 def test_partitions_refuse_masks_drawn_on_another_kind_of_device(tmp_path):
