@@ -110,10 +110,21 @@ class RecordedRun:
         resolved = resolve_checkpoint(self.n_checkpoints, checkpoint)
         if resolved == self.checkpoint:
             return self
-        model = model_at_checkpoint(
-            self.path, resolved, dtype=self.dtype, inputs=self.inputs, device=self.device
-        )
-        return dataclasses.replace(self, model=model.eval(), checkpoint=resolved)
+        model = scoring_model(self.path, resolved, self.dtype, self.inputs, self.device)
+        return dataclasses.replace(self, model=model, checkpoint=resolved)
+
+
+def scoring_model(
+    path: Path,
+    checkpoint: int,
+    dtype: torch.dtype | None,
+    inputs: RunInputs | None,
+    device: str | None,
+) -> torch.nn.Module:
+    """The model at a checkpoint, on `device`, in eval mode: what the baselines score with
+    (`RecordedRun`)."""
+    model = model_at_checkpoint(path, checkpoint, dtype=dtype, inputs=inputs, device=device)
+    return model.eval()
 
 
 def load_recorded_run(
@@ -137,7 +148,7 @@ def load_recorded_run(
         )
     tests = resolve_test_set(path, test_set, run=data)
     resolved = resolve_checkpoint(len(trajectory.checkpoint_step), checkpoint)
-    model = model_at_checkpoint(path, resolved, dtype=dtype, inputs=inputs, device=device).eval()
+    model = scoring_model(path, resolved, dtype, inputs, device)
     return RecordedRun(path, trajectory, data.train, tests, model, resolved, inputs, dtype, device)
 
 

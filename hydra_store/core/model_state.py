@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hydra_store.errors import ReplayMismatchError
 from hydra_store.rng import GLOBAL_RNG_LOCK
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -60,6 +61,20 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m in norms:
             m.track_running_stats = True
+
+
+def check_mask_device(
+    drawn: str | None, device: torch.device | str, source: object, needs: str
+) -> None:
+    """Dropout masks drawn from one seed differ between CPU and CUDA generators: refuse to
+    compute on another kind of device than the one the masks of `source` were `drawn` on (None:
+    it drew none), saying who `needs` that device."""
+    kind = torch.device(device).type
+    if drawn is not None and kind != drawn:
+        raise ReplayMismatchError(
+            f"the dropout masks of {source} were drawn on {drawn}, and {kind} draws other masks "
+            f"from the same seeds: {needs} a {drawn} device"
+        )
 
 
 @contextlib.contextmanager

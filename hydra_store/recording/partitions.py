@@ -42,13 +42,13 @@ from hydra_store.core.hypergradient import (
     named_trackers,
 )
 from hydra_store.core.losses import PerSampleLoss, recorded_loss
-from hydra_store.core.model_state import needs_batch_forward, step_randomness
+from hydra_store.core.model_state import check_mask_device, needs_batch_forward, step_randomness
 from hydra_store.core.parameters import ParameterLayout, set_flat_parameters
 from hydra_store.core.projection import projector_from_attrs
 from hydra_store.core.sgd import SGDSettings
 from hydra_store.core.state import InMemoryTrackedState
 from hydra_store.core.transfer import DeviceToHost, one_block_ahead
-from hydra_store.errors import ReplayMismatchError, StoreFormatError
+from hydra_store.errors import StoreFormatError
 from hydra_store.execution import map_tasks
 from hydra_store.recording.gradient_log import GradientLogReader, log_folder, remove_log
 from hydra_store.store.arrays import writable
@@ -350,12 +350,9 @@ class _PartitionRun:
             if info.get("gradient_log")
             else None
         )
-        drawn = group["step_seed"].attrs.get("device", "cpu") if self.seeds is not None else None
-        if self.log is None and drawn is not None and drawn != self.device.type:
-            raise ReplayMismatchError(
-                f"the dropout masks of {path} were drawn on {drawn}, and {self.device.type} "
-                f"draws other masks from the same seeds: its partitions need a {drawn} device"
-            )
+        if self.log is None and self.seeds is not None:  # it draws the masks again
+            drawn = group["step_seed"].attrs.get("device", "cpu")
+            check_mask_device(drawn, self.device, path, "its partitions need")
         self.direction = fingerprint_direction(self.layout.n_params, info["fingerprint_seed"]).to(
             self.device
         )

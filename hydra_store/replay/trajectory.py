@@ -12,7 +12,7 @@ import torch
 
 from hydra_store.core.gradients import PerSampleGradients, step_gradients
 from hydra_store.core.losses import LossFunction, PerSampleLoss, recorded_loss
-from hydra_store.core.model_state import BufferLayout, step_randomness
+from hydra_store.core.model_state import BufferLayout, check_mask_device, step_randomness
 from hydra_store.core.parameters import ParameterLayout, get_flat_parameters, set_flat_parameters
 from hydra_store.core.sgd import SGDSettings, run_steps, sgd_optimizer
 from hydra_store.data.datasets import Split
@@ -58,12 +58,12 @@ class Trajectory:
     def check_mask_device(self, device: torch.device) -> None:
         """Dropout masks drawn from one seed differ between CPU and CUDA generators: a run with
         dropout replays only on the kind of device it was recorded on."""
-        if self._mask_device is not None and torch.device(device).type != self._mask_device:
-            raise ReplayMismatchError(
-                f"the dropout masks of {self.path} were drawn on {self._mask_device}, and "
-                f"{torch.device(device).type} draws other masks from the same seeds: replay, "
-                f"reverse mode and retraining of this run need a {self._mask_device} device"
-            )
+        check_mask_device(
+            self._mask_device,
+            device,
+            self.path,
+            "replay, reverse mode and retraining of this run need",
+        )
 
     def step_seed(self, step: int) -> int | None:
         """The dropout seed of a step (1-based); None when the run drew no masks."""
